@@ -1,0 +1,1 @@
+"""Learners that act in textenv's environments."""

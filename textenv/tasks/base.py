@@ -1,0 +1,48 @@
+"""What a task is: a world of text with a hidden gold reward.
+
+A task bundles everything the three RLHF stages need, generated offline and seeded: a tokenizer, a corpus
+to pretrain the LM on, a prompt distribution, and the *gold* reward: the "true human preference" that the
+simulated annotators label with and that experiments measure, but that the agent never sees (it sees the
+learned RM). Measuring gold reward next to the RM score is how you see reward hacking.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+
+class Task(ABC):
+    """A text world with a gold reward. Subclasses set the class attributes and implement the methods.
+
+    :cvar name: short id used in env ids and folder names (``"sentiment"``).
+    :cvar max_prompt_tokens: longest prompt the task produces, in tokens.
+    :cvar max_new_tokens: default completion budget for the env.
+    """
+
+    name: str = "task"
+    max_prompt_tokens: int = 16
+    max_new_tokens: int = 16
+
+    @abstractmethod
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The task's tokenizer (deterministic: the same ids every call)."""
+
+    @abstractmethod
+    def corpus(self, rng: np.random.Generator, n: int) -> list[str]:
+        """``n`` pretraining documents (prompt and continuation as one text), drawn with ``rng``."""
+
+    @abstractmethod
+    def prompts(self, rng: np.random.Generator, n: int) -> list[str]:
+        """``n`` prompts drawn with ``rng``."""
+
+    @abstractmethod
+    def gold_reward(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        """The hidden true reward of each (prompt, completion) pair, float64 of shape ``(len(prompts),)``."""
+
+    def describe(self) -> str:
+        """One paragraph for docs and ``--help``: what the text looks like and what the gold reward rewards."""
+        return (self.__doc__ or self.name).strip()
