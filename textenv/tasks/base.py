@@ -8,6 +8,7 @@ learned RM). Measuring gold reward next to the RM score is how you see reward ha
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -42,6 +43,14 @@ class Task(ABC):
     @abstractmethod
     def gold_reward(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         """The hidden true reward of each (prompt, completion) pair, float64 of shape ``(len(prompts),)``."""
+
+    def join(self, prompt: str, completion: str) -> str:
+        """The full text a reward model scores: prompt and completion joined the way the task's text is.
+
+        Word-level tasks separate them with one space (doubled spaces collapse); character-level tasks
+        override this to plain concatenation.
+        """
+        return re.sub(r" {2,}", " ", f"{prompt} {completion}").strip()
 
     def describe(self) -> str:
         """One paragraph for docs and ``--help``: what the text looks like and what the gold reward rewards."""

@@ -1,0 +1,260 @@
+"""B text-generation episodes stepped together as tensors: the engine behind both env classes.
+
+`TextGenerationEnv` is this engine with one row, `TextGenerationVectorEnv` with B rows, so the single and
+batched envs cannot drift apart: the same code appends tokens, runs the reference LM (one incremental
+forward per step for the whole batch), computes the KL term, decides termination and calls the reward
+function once for all episodes that finished in a step.
+
+Layout of a row (the observation): ``L = max_prompt_tokens + max_new_tokens`` slots; the prompt is
+left-padded into the first ``max_prompt_tokens`` slots (so generation always starts at the same index) and
+generated tokens follow; the rest is padding with attention mask 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from textenv.incremental import IncrementalLM
+from textenv.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
+from textenv.models import action_space_size, model_device
+from textenv.policy_link import PolicyLink
+from textenv.prompts import Prompt
+from textenv.rewards import RewardFunction, join_text
+
+
+@dataclass
+class StepResult:
+    """What one step of the engine produced, as host arrays of shape ``(B,)``.
+
+    Rows that were not active this step (finished, or being reset) have reward 0, kl 0 and NaN log-probs.
+    """
+
+    rewards: np.ndarray
+    terminated: np.ndarray
+    logprob: np.ndarray
+    ref_logprob: np.ndarray
+    kl: np.ndarray
+    kl_coef: float
+    scores: np.ndarray  # NaN except where an episode ended this step
+    completions: dict[int, str] = field(default_factory=dict)
+    episode_kl: np.ndarray | None = None  # total KL of the episodes that ended (NaN elsewhere)
+
+
+@dataclass
+class TokenRecord:
+    """One generated token as the renderer shows it."""
+
+    token_id: int
+    reward: float
+    kl: float
+    ref_logprob: float
+
+
+class EpisodeBatch:
+    """The state and step logic of B episodes.
+
+    :param ref_model: the frozen reference LM (its output size defines the action space).
+    :param tokenizer: shared by policy and reference.
+    :param reward_fn: scores finished episodes.
+    :param num_rows: B.
+    :param max_prompt_tokens: prompt slots in the observation.
+    :param max_new_tokens: generation budget; reaching it ends the episode (terminal).
+    :param stop_token_ids: ids besides EOS that end an episode.
+    :param kl_estimator: ``k1``, ``k2``, ``k3`` or ``full`` (see `textenv.kl`).
+    :param kl_controller: supplies β; adaptive controllers are updated as episodes end.
+    :param join: how prompt and completion texts are joined for display.
+    """
+
+    def __init__(
+        self,
+        ref_model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        reward_fn: RewardFunction,
+        num_rows: int,
+        max_prompt_tokens: int,
+        max_new_tokens: int,
+        stop_token_ids: Sequence[int] = (),
+        kl_estimator: str = "k1",
+        kl_controller: FixedKLController | AdaptiveKLController | None = None,
+        join=join_text,
+    ) -> None:
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose one of {KL_ESTIMATORS}")
+        if max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+        self.ref_model = ref_model.eval()
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.num_rows = num_rows
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.length = max_prompt_tokens + max_new_tokens
+        self.vocab_size = action_space_size(ref_model)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token_id; an episode could never end on its own")
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.stop_ids = sorted({self.eos_id, *map(int, stop_token_ids)})
+        bad = [i for i in self.stop_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"stop token ids {bad} are outside the action space [0, {self.vocab_size})")
+        self.kl_estimator = kl_estimator
+        self.kl_controller = kl_controller or FixedKLController(0.1)
+        self.join = join
+        self.device = model_device(ref_model)
+        self.reference = IncrementalLM(ref_model, pad_token_id=self.pad_id)
+        self.policy: PolicyLink | None = None
+        self._stop = torch.tensor(self.stop_ids, device=self.device)
+
+        B, L = num_rows, self.length
+        self.ids = torch.full((B, L), self.pad_id, dtype=torch.long, device=self.device)
+        self.mask = torch.zeros((B, L), dtype=torch.long, device=self.device)
+        self.gen_len = torch.zeros(B, dtype=torch.long, device=self.device)
+        self.done = np.ones(B, dtype=bool)
+        self.started = False
+        self.prompts: list[Prompt | None] = [None] * B
+        self.episode_kl = np.zeros(B)
+        self.history: list[list[TokenRecord]] = [[] for _ in range(B)]
+        self.last_scores = np.full(B, np.nan)
+        self._ref_logits: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------- policy
+    def bind_policy(self, link: PolicyLink | None) -> None:
+        """Attach the acting policy (see `textenv.policy_link`); ``None`` goes back to a uniform policy."""
+        if link is not None and link.model is not None:
+            n = action_space_size(link.model)
+            if n != self.vocab_size:
+                raise ValueError(
+                    f"policy and reference disagree on the action space: policy outputs {n} logits, "
+                    f"reference {self.vocab_size}; they must share a tokenizer and vocabulary"
+                )
+        self.policy = link
+        if link is not None and self.started:
+            link.start(self.sequences())
+
+    def sequences(self) -> list[torch.Tensor]:
+        """Each row's real tokens so far (prompt + generated), as 1-D tensors."""
+        return [self.ids[r][self.mask[r].bool()] for r in range(self.num_rows)]
+
+    # ------------------------------------------------------------------------------------- reset
+    def reset_rows(self, rows: Sequence[int], prompts: Sequence[Prompt]) -> None:
+        """Start new episodes in ``rows`` with these prompts; other rows keep running."""
+        rows = list(rows)
+        P = self.max_prompt_tokens
+        for r, prompt in zip(rows, prompts, strict=True):
+            n = len(prompt.ids)
+            if not 0 < n <= P:
+                raise ValueError(f"prompt of {n} tokens does not fit max_prompt_tokens={P}")
+            self.ids[r] = self.pad_id
+            self.mask[r] = 0
+            self.ids[r, P - n : P] = prompt.ids.to(self.device)
+            self.mask[r, P - n : P] = 1
+            self.gen_len[r] = 0
+            self.done[r] = False
+            self.prompts[r] = prompt
+            self.episode_kl[r] = 0.0
+            self.history[r] = []
+            self.last_scores[r] = np.nan
+        sequences = [p.ids for p in prompts]
+        if not self.started or len(rows) == self.num_rows:
+            if len(rows) != self.num_rows:
+                raise RuntimeError("the first reset must start every row")
+            self._ref_logits = self.reference.start(sequences).logits
+            if self.policy is not None:
+                self.policy.start(sequences)
+            self.started = True
+        else:
+            assert self._ref_logits is not None
+            new = self.reference.replace_rows(rows, sequences).logits
+            self._ref_logits = self._ref_logits.clone()
+            self._ref_logits[torch.as_tensor(rows, device=self.device)] = new
+            if self.policy is not None:
+                self.policy.replace_rows(rows, sequences)
+
+    # ------------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, actions: torch.Tensor, active: np.ndarray) -> StepResult:
+        """Apply ``actions`` ``(B,)`` to the ``active`` rows; the others are left as they are."""
+        assert self._ref_logits is not None
+        B = self.num_rows
+        actions = actions.to(self.device).long()
+        active_t = torch.as_tensor(active, device=self.device)
+        actions = torch.where(active_t, actions, torch.full_like(actions, self.pad_id))
+
+        # 1. log-probs of the chosen tokens: reference (cached) and policy (bound link, or uniform).
+        ref_all = torch.log_softmax(self._ref_logits, dim=-1)
+        ref_lp = ref_all.gather(-1, actions.view(-1, 1)).squeeze(-1)
+        if self.policy is not None:
+            lp, pol_all = self.policy.action_logprobs(actions)
+            lp, pol_all = lp.to(self.device), pol_all.to(self.device)
+        else:
+            lp = torch.full((B,), -math.log(self.vocab_size), device=self.device)
+            pol_all = torch.full_like(ref_all, -math.log(self.vocab_size)) if self.kl_estimator == "full" else None
+        kl = kl_penalty(lp, ref_lp, self.kl_estimator, pol_all, ref_all if pol_all is not None else None)
+        kl = torch.where(active_t, kl, torch.zeros_like(kl))
+        beta = float(self.kl_controller.value)
+
+        # 2. append, and decide termination (EOS / stop token / length budget: all terminal).
+        pos = self.max_prompt_tokens + self.gen_len
+        rows = torch.arange(B, device=self.device)
+        write = active_t & (self.gen_len < self.max_new_tokens)
+        self.ids[rows[write], pos[write]] = actions[write]
+        self.mask[rows[write], pos[write]] = 1
+        self.gen_len += write.long()
+        ends = torch.isin(actions, self._stop) | (self.gen_len >= self.max_new_tokens)
+        terminated_t = active_t & ends
+
+        # 3. one host transfer for everything the caller sees.
+        host = torch.stack([lp, ref_lp, kl, terminated_t.float()]).float().cpu().numpy().astype(np.float64)
+        lp_np, ref_np, kl_np, term_np = host[0], host[1], host[2], host[3].astype(bool)
+        lp_np[~active], ref_np[~active] = np.nan, np.nan
+        rewards = np.where(active, -beta * kl_np, 0.0)
+        self.episode_kl[active] += kl_np[active]
+
+        # 4. advance both models' caches with the actions, if anything continues.
+        if self.policy is not None:
+            self.policy.advance(actions)
+        if (active & ~term_np).any():
+            self._ref_logits = self.reference.step(actions).logits
+
+        # 5. score every episode that ended, in one batch.
+        scores = np.full(B, np.nan)
+        completions: dict[int, str] = {}
+        ended = np.flatnonzero(term_np)
+        episode_kl = np.full(B, np.nan)
+        if len(ended):
+            prompt_texts = [self.prompts[r].text for r in ended]  # type: ignore[union-attr]
+            completions = {int(r): self.completion_text(int(r)) for r in ended}
+            scores[ended] = self.reward_fn(prompt_texts, [completions[int(r)] for r in ended])
+            rewards[ended] += scores[ended]
+            self.done[ended] = True
+            self.last_scores[ended] = scores[ended]
+            episode_kl[ended] = self.episode_kl[ended]
+            self.kl_controller.update(float(self.episode_kl[ended].mean()), len(ended))
+
+        actions_np = actions.cpu().numpy()
+        for r in np.flatnonzero(active):
+            self.history[r].append(TokenRecord(int(actions_np[r]), float(rewards[r]), float(kl_np[r]), float(ref_np[r])))
+        return StepResult(rewards, term_np, lp_np, ref_np, kl_np, beta, scores, completions, episode_kl)
+
+    # ------------------------------------------------------------------------------------- text
+    def completion_ids(self, row: int) -> torch.Tensor:
+        """The tokens generated so far in ``row``."""
+        P = self.max_prompt_tokens
+        return self.ids[row, P : P + int(self.gen_len[row])]
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Text of ids, skipping special tokens and ids past the tokenizer (padding rows of the LM head)."""
+        ids = [int(i) for i in ids]
+        return self.tokenizer.decode([i for i in ids if i < len(self.tokenizer)], skip_special_tokens=True)
+
+    def completion_text(self, row: int) -> str:
+        return self.decode(self.completion_ids(row))

@@ -1,0 +1,118 @@
+"""How the policy's log-probs reach the env's KL term without a second policy forward per token.
+
+The KL penalty needs ``log π(a_t | s_t)``, but in Gymnasium the env does not own the agent. textenv's
+answer is a `PolicyLink` bound to the env (``env.bind_policy(link)``): one object that both sides read.
+
+- The agent asks the link for the current sampling distribution (``link.logprobs()``), samples from it and
+  calls ``env.step(action)``.
+- The env asks the same link for the log-prob of that action. The distribution was computed once, by
+  whichever side asked first, with the policy's KV cache; the env then advances the cache with the action.
+
+So each token costs exactly one incremental policy forward, standard loops (``obs, r, ... = env.step(a)``)
+keep working, and agents that compute the distribution themselves (a stable-baselines3 policy running a
+full forward on the observation) can hand it over with ``link.provide(logprobs)`` instead; a link without
+a model then simply relays what it was given.
+
+With no link bound, the env assumes the acting policy is uniform over the action space: that is exactly
+true for a random agent (``log π(a) = -log V``), and the KL it reports is then KL(uniform ‖ reference).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from textenv.incremental import IncrementalLM, StepOutput
+from textenv.sampling import SamplingConfig, sample_tokens
+
+
+class PolicyLink:
+    """The acting policy, bound to an env so sampling and the KL term share one forward per token.
+
+    :param model: the policy causal LM, or ``None`` if the agent will ``provide`` distributions itself.
+    :param sampling: temperature / top-k / top-p; the log-probs handed out are of this distribution.
+    :param output_hidden_states: keep the last hidden state of each step (for a value head on the trunk).
+    :param pad_token_id: id used in padding columns of the policy's cache.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | None,
+        sampling: SamplingConfig | None = None,
+        output_hidden_states: bool = False,
+        pad_token_id: int = 0,
+    ) -> None:
+        self.model = model
+        self.sampling = sampling or SamplingConfig()
+        self.decoder = IncrementalLM(model, output_hidden_states, pad_token_id) if model is not None else None
+        self._current: StepOutput | None = None  # outputs for the current state of every row
+        self._logprobs: torch.Tensor | None = None  # sampling log-probs for the current state
+        self._pending: torch.Tensor | None = None  # tokens appended but not yet run through the model
+
+    # ---------------------------------------------------------------------------------- agent side
+    def logprobs(self) -> torch.Tensor:
+        """``(B, V)`` log-probs of the sampling distribution at the current state of every row."""
+        if self._logprobs is None:
+            self._logprobs = self.sampling.logprobs(self.outputs().logits)
+        return self._logprobs
+
+    def outputs(self) -> StepOutput:
+        """The policy's raw outputs (logits, hidden state) at the current state, computed at most once."""
+        if self._pending is not None:
+            if self.decoder is None:
+                raise RuntimeError("this PolicyLink has no model: call provide(logprobs) before each env step")
+            self._current = self.decoder.step(self._pending)
+            self._pending = None
+        if self._current is None:
+            raise RuntimeError("no current policy output: reset the env first, or provide(logprobs)")
+        return self._current
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample one token per row from the sampling distribution."""
+        return sample_tokens(self.logprobs(), generator)
+
+    def provide(self, logprobs: torch.Tensor) -> None:
+        """Hand over the current step's sampling log-probs ``(B, V)`` computed outside the link."""
+        self._logprobs = logprobs.detach().float()
+        self._pending = None
+
+    # ---------------------------------------------------------------------------------- env side
+    def start(self, sequences: Sequence[torch.Tensor]) -> None:
+        """All rows begin new episodes with these prompt ids."""
+        self._logprobs = None
+        self._pending = None
+        self._current = self.decoder.start(sequences) if self.decoder is not None else None
+
+    def replace_rows(self, rows: Sequence[int], sequences: Sequence[torch.Tensor]) -> None:
+        """Some rows begin new episodes; the rest keep their cache."""
+        if self.decoder is None:
+            self._logprobs = None
+            return
+        current = self.outputs()  # apply any pending token first so every row is in step
+        new = self.decoder.replace_rows(rows, sequences)
+        index = torch.as_tensor(list(rows), device=current.logits.device)
+        logits = current.logits.clone()
+        logits[index] = new.logits
+        hidden = None
+        if current.hidden is not None and new.hidden is not None:
+            hidden = current.hidden.clone()
+            hidden[index] = new.hidden
+        self._current = StepOutput(logits, hidden)
+        self._logprobs = None
+
+    def action_logprobs(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log π(a), whole distribution)`` for the actions taken at the current state."""
+        logprobs = self.logprobs()
+        if logprobs.shape[0] != actions.shape[0]:
+            raise ValueError(
+                f"the policy's distribution has {logprobs.shape[0]} rows but the env stepped {actions.shape[0]}"
+            )
+        return logprobs.gather(-1, actions.view(-1, 1).to(logprobs.device)).squeeze(-1), logprobs
+
+    def advance(self, actions: torch.Tensor) -> None:
+        """The env took these actions: the next request runs one cached forward with them."""
+        self._pending = actions.detach()
+        self._logprobs = None
+        self._current = None if self.decoder is not None else self._current

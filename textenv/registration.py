@@ -1,0 +1,44 @@
+"""Gymnasium registration of textenv's environments (``import textenv`` runs it).
+
+Each id has a single-env ``entry_point`` and a ``vector_entry_point``, so both
+``gym.make("textenv/Toy-v0")`` and ``gym.make_vec("textenv/Toy-v0", num_envs=8,
+vectorization_mode="vector_entry_point")`` work. Envs whose reward model may run on a GPU declare
+``nondeterministic`` when CUDA is present: GPU kernels do not promise bit-identical results across runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import torch
+
+
+def _gpu_possible() -> bool:
+    return torch.cuda.is_available()
+
+
+def _toy_single(**kwargs: Any):
+    from textenv.toy import make_toy_env
+
+    return make_toy_env(None, **kwargs)
+
+
+def _toy_vector(num_envs: int = 8, **kwargs: Any):
+    from textenv.toy import make_toy_env
+
+    return make_toy_env(num_envs, **kwargs)
+
+
+def register_envs() -> list[str]:
+    """Register every textenv id (idempotent); returns the ids."""
+    specs = {
+        "textenv/Toy-v0": dict(entry_point=_toy_single, vector_entry_point=_toy_vector, nondeterministic=False),
+    }
+    for env_id, spec in specs.items():
+        if env_id not in gym.registry:
+            gym.register(env_id, **spec)
+    return list(specs)
+
+
+ENV_IDS = register_envs()

@@ -1,0 +1,66 @@
+"""The distribution an agent actually samples tokens from: temperature, top-k and top-p.
+
+PPO's ratio and the KL penalty must use the log-probs of the distribution that produced the token. If the
+agent samples with top-k but scores with the plain softmax, the estimated KL can go negative and the PPO
+ratio is biased (a known TRL failure). Every sampler in textenv goes through `SamplingConfig.logprobs`, so
+the log-probs used downstream are always those of the sampling distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the policy's logits become a sampling distribution.
+
+    :param temperature: logits are divided by it (> 0).
+    :param top_k: keep only the k most likely tokens (0 = all).
+    :param top_p: keep the smallest set of most likely tokens whose mass reaches top_p (1.0 = all).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def is_plain(self) -> bool:
+        """True when the sampling distribution is the model's softmax itself."""
+        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
+
+    def logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probs ``(..., V)`` of the sampling distribution; tokens filtered out get ``-inf``."""
+        logits = logits.float() / self.temperature
+        if self.top_k and self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            # Drop a token when the mass strictly before it already reaches top_p (keeps at least one).
+            drop_sorted = probs.cumsum(-1) - probs >= self.top_p
+            drop = drop_sorted.scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return torch.log_softmax(logits, dim=-1)
+
+
+def sample_tokens(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from log-probs ``(B, V)``; deterministic for a seeded CPU generator."""
+    return torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+
+
+def entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of a log-prob tensor (``-inf`` entries contribute 0)."""
+    p = logprobs.exp()
+    return -(p * logprobs.masked_fill(p == 0, 0.0)).sum(-1)
