@@ -64,9 +64,15 @@ def build_engine(
         model = model.to(device)
     if not isinstance(reward_fn, RewardFunction):
         if not callable(reward_fn):
-            raise TypeError(f"reward_fn must be a RewardFunction or a callable, got {type(reward_fn).__name__}")
+            raise TypeError(
+                f"reward_fn must be a RewardFunction or a callable, got {type(reward_fn).__name__}"
+            )
         reward_fn = CallableReward(reward_fn)
-    controller = kl_coef if isinstance(kl_coef, (FixedKLController, AdaptiveKLController)) else FixedKLController(float(kl_coef))
+    controller = (
+        kl_coef
+        if isinstance(kl_coef, (FixedKLController, AdaptiveKLController))
+        else FixedKLController(float(kl_coef))
+    )
     if not isinstance(prompts, PromptSource):
         prompts = PromptSource(prompts, tokenizer, max_prompt_tokens, overflow)
     elif prompts.max_prompt_tokens > max_prompt_tokens:
@@ -81,7 +87,16 @@ def build_engine(
         else:
             stop_ids.append(int(s))
     engine = EpisodeBatch(
-        model, tokenizer, reward_fn, num_rows, max_prompt_tokens, max_new_tokens, stop_ids, kl_estimator, controller, join
+        model,
+        tokenizer,
+        reward_fn,
+        num_rows,
+        max_prompt_tokens,
+        max_new_tokens,
+        stop_ids,
+        kl_estimator,
+        controller,
+        join,
     )
     return engine, prompts
 
@@ -176,7 +191,9 @@ class TextGenerationEnv(gym.Env):
         join: Callable[[str, str], str] = join_text,
     ) -> None:
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+            raise ValueError(
+                f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}"
+            )
         self.engine, self.prompt_source = build_engine(
             model, tokenizer, reward_fn, prompts, 1, max_prompt_tokens, max_new_tokens, stop_tokens,
             kl_coef, kl_estimator, overflow, device, trust_remote_code, join,
@@ -206,7 +223,11 @@ class TextGenerationEnv(gym.Env):
 
     def bind_policy(self, policy: PolicyLink | PreTrainedModel | None) -> PolicyLink | None:
         """Bind the acting policy so the KL term uses its log-probs (a bare LM is wrapped in a `PolicyLink`)."""
-        link = policy if policy is None or isinstance(policy, PolicyLink) else PolicyLink(policy, pad_token_id=self.engine.pad_id)
+        link = (
+            policy
+            if policy is None or isinstance(policy, PolicyLink)
+            else PolicyLink(policy, pad_token_id=self.engine.pad_id)
+        )
         self.engine.bind_policy(link)
         return link
 
@@ -235,14 +256,20 @@ class TextGenerationEnv(gym.Env):
             action = action.detach().cpu().numpy()
         if isinstance(action, np.ndarray):
             if action.shape not in ((), (1,)):
-                raise InvalidActionError(f"action must be a single token id, got an array of shape {action.shape}")
+                raise InvalidActionError(
+                    f"action must be a single token id, got an array of shape {action.shape}"
+                )
             if not np.issubdtype(action.dtype, np.integer):
                 raise InvalidActionError(f"action must be an integer token id, got dtype {action.dtype}")
             action = action.reshape(()).item()
         if isinstance(action, (bool, np.bool_)) or not isinstance(action, (int, np.integer)):
-            raise InvalidActionError(f"action must be an integer token id, got {action!r} ({type(action).__name__})")
+            raise InvalidActionError(
+                f"action must be an integer token id, got {action!r} ({type(action).__name__})"
+            )
         if not 0 <= int(action) < self.engine.vocab_size:
-            raise InvalidActionError(f"action {int(action)} is outside the action space [0, {self.engine.vocab_size})")
+            raise InvalidActionError(
+                f"action {int(action)} is outside the action space [0, {self.engine.vocab_size})"
+            )
         return int(action)
 
     def step(self, action: Any) -> tuple[dict[str, np.ndarray], SupportsFloat, bool, bool, dict[str, Any]]:
@@ -270,6 +297,8 @@ class TextGenerationEnv(gym.Env):
 
     def render(self) -> str | None:
         if self.render_mode is None:
-            gym.logger.warn("render() called without a render_mode; pass render_mode='ansi' to the constructor")
+            gym.logger.warn(
+                "render() called without a render_mode; pass render_mode='ansi' to the constructor"
+            )
             return None
         return render_row(self.engine, 0)

@@ -197,7 +197,9 @@ class EpisodeBatch:
             lp, pol_all = lp.to(self.device), pol_all.to(self.device)
         else:
             lp = torch.full((B,), -math.log(self.vocab_size), device=self.device)
-            pol_all = torch.full_like(ref_all, -math.log(self.vocab_size)) if self.kl_estimator == "full" else None
+            pol_all = (
+                torch.full_like(ref_all, -math.log(self.vocab_size)) if self.kl_estimator == "full" else None
+            )
         kl = kl_penalty(lp, ref_lp, self.kl_estimator, pol_all, ref_all if pol_all is not None else None)
         kl = torch.where(active_t, kl, torch.zeros_like(kl))
         beta = float(self.kl_controller.value)
@@ -242,7 +244,9 @@ class EpisodeBatch:
 
         actions_np = actions.cpu().numpy()
         for r in np.flatnonzero(active):
-            self.history[r].append(TokenRecord(int(actions_np[r]), float(rewards[r]), float(kl_np[r]), float(ref_np[r])))
+            self.history[r].append(
+                TokenRecord(int(actions_np[r]), float(rewards[r]), float(kl_np[r]), float(ref_np[r]))
+            )
         return StepResult(rewards, term_np, lp_np, ref_np, kl_np, beta, scores, completions, episode_kl)
 
     # ------------------------------------------------------------------------------------- text

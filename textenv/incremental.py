@@ -43,7 +43,9 @@ class IncrementalLM:
     :param pad_token_id: id written into padding columns (never attended to).
     """
 
-    def __init__(self, model: PreTrainedModel, output_hidden_states: bool = False, pad_token_id: int = 0) -> None:
+    def __init__(
+        self, model: PreTrainedModel, output_hidden_states: bool = False, pad_token_id: int = 0
+    ) -> None:
         self.model = model
         self.output_hidden_states = output_hidden_states
         self.pad_token_id = pad_token_id

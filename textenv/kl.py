@@ -98,7 +98,11 @@ class AdaptiveKLController:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), int(state["horizon"])
+        self.value, self.target, self.horizon = (
+            float(state["value"]),
+            float(state["target"]),
+            int(state["horizon"]),
+        )
 
 
 KLController = FixedKLController | AdaptiveKLController

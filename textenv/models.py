@@ -66,7 +66,9 @@ def build_word_tokenizer(words: Iterable[str], split: str = "whitespace") -> Pre
     )
 
 
-def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False, **kwargs: Any) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str | Path, trust_remote_code: bool = False, **kwargs: Any
+) -> PreTrainedTokenizerBase:
     """Load a tokenizer by local path or hub name; give it a pad token (EOS) if it has none."""
     try:
         tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **kwargs)
@@ -93,7 +95,9 @@ def tiny_gpt2_config(
     Dropout defaults to 0: RL rollouts and PPO updates must see the same function (RL4LMs-style
     dropout during PPO makes the ratio noisy), and pretraining these tiny models does not need it.
     """
-    defaults: dict[str, Any] = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
+    defaults: dict[str, Any] = dict(
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0
+    )
     defaults.update(kwargs)
     return GPT2Config(
         vocab_size=vocab_size,
@@ -206,7 +210,9 @@ def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> b
     return a is b or a.get_vocab() == b.get_vocab()
 
 
-def pad_left(sequences: Sequence[torch.Tensor], pad_id: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_left(
+    sequences: Sequence[torch.Tensor], pad_id: int, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad 1-D id tensors into a batch; returns ``(ids, attention_mask)``, both ``(B, length)`` int64."""
     length = max((len(s) for s in sequences), default=0) if length is None else length
     device = sequences[0].device if sequences else torch.device("cpu")

@@ -62,7 +62,9 @@ class PolicyLink:
         """The policy's raw outputs (logits, hidden state) at the current state, computed at most once."""
         if self._pending is not None:
             if self.decoder is None:
-                raise RuntimeError("this PolicyLink has no model: call provide(logprobs) before each env step")
+                raise RuntimeError(
+                    "this PolicyLink has no model: call provide(logprobs) before each env step"
+                )
             self._current = self.decoder.step(self._pending)
             self._pending = None
         if self._current is None:

@@ -81,7 +81,9 @@ def read_corpus_file(path: str | Path) -> list[str]:
                 except json.JSONDecodeError as exc:
                     raise CorpusFormatError(f"{path}:{line_no}: invalid JSON ({exc.msg})") from None
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise CorpusFormatError(f"{path}:{line_no}: expected an object with a string field 'text'")
+                    raise CorpusFormatError(
+                        f"{path}:{line_no}: expected an object with a string field 'text'"
+                    )
                 docs.append(obj["text"])
             else:
                 docs.append(line.rstrip("\n"))
@@ -90,7 +92,9 @@ def read_corpus_file(path: str | Path) -> list[str]:
     return docs
 
 
-def encode_documents(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[list[int]]:
+def encode_documents(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[list[int]]:
     """Token ids of each document with the EOS id appended, truncated to ``max_length`` tokens.
 
     :param max_length: the model's context size; longer documents keep their first tokens (and lose EOS).
@@ -122,13 +126,17 @@ def heldout_perplexity(
     :param model: a causal LM; it is put in eval mode.
     """
     model.eval()
-    docs = encode_documents(texts, tokenizer, model.config.n_positions if hasattr(model.config, "n_positions") else 10**9)
+    docs = encode_documents(
+        texts, tokenizer, model.config.n_positions if hasattr(model.config, "n_positions") else 10**9
+    )
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(docs), batch_size):
         ids, mask, labels = _batch(docs[start : start + batch_size], tokenizer.pad_token_id or 0)
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits[:, :-1]
         target = labels[:, 1:].to(model.device)
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), reduction="sum"
+        )
         total_nll += float(nll)
         total_tokens += int((target != -100).sum())
     if total_tokens == 0:
@@ -174,10 +182,15 @@ def pretrain_lm(
     if model is None:
         overrides = {"n_positions": 64, **(config_overrides or {})}
         config = tiny_gpt2_config(
-            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **overrides
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **overrides,
         )
         model = build_tiny_causal_lm(config, seed=seed)
-    max_length = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
+    max_length = getattr(model.config, "n_positions", None) or getattr(
+        model.config, "max_position_embeddings", 1024
+    )
     docs = encode_documents(texts, tokenizer, max_length)
     if not docs:
         raise ValueError("all training documents are empty after tokenisation")
@@ -200,13 +213,15 @@ def pretrain_lm(
         for _ in tqdm(range(steps), desc="pretrain LM", disable=not progress, leave=False):
             picked = order.integers(0, len(docs), size=batch_size)
             ids, mask, labels = _batch([docs[i] for i in picked], pad_id)
-            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+            loss = model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)
+            ).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     model.eval()
     result = PretrainResult(
         perplexity=heldout_perplexity(model, tokenizer, heldout_texts),
@@ -243,8 +258,12 @@ class PretrainBudget:
 
 #: default budgets: sentiment trains in well under a minute on two CPU cores, arithmetic in less
 DEFAULT_BUDGETS: dict[str, PretrainBudget] = {
-    "sentiment": PretrainBudget(n_docs=20000, steps=800, batch_size=64, config=dict(n_embd=64, n_layer=2, n_head=4)),
-    "arithmetic": PretrainBudget(n_docs=20000, steps=800, batch_size=64, config=dict(n_embd=64, n_layer=2, n_head=4, n_positions=16)),
+    "sentiment": PretrainBudget(
+        n_docs=20000, steps=800, batch_size=64, config=dict(n_embd=64, n_layer=2, n_head=4)
+    ),
+    "arithmetic": PretrainBudget(
+        n_docs=20000, steps=800, batch_size=64, config=dict(n_embd=64, n_layer=2, n_head=4, n_positions=16)
+    ),
 }
 
 

@@ -33,7 +33,9 @@ def _toy_vector(num_envs: int = 8, **kwargs: Any):
 def register_envs() -> list[str]:
     """Register every textenv id (idempotent); returns the ids."""
     specs = {
-        "textenv/Toy-v0": dict(entry_point=_toy_single, vector_entry_point=_toy_vector, nondeterministic=False),
+        "textenv/Toy-v0": dict(
+            entry_point=_toy_single, vector_entry_point=_toy_vector, nondeterministic=False
+        ),
     }
     for env_id, spec in specs.items():
         if env_id not in gym.registry:
@@ -42,3 +44,6 @@ def register_envs() -> list[str]:
 
 
 ENV_IDS = register_envs()
+
+# Ids whose env needs trained artefacts (an LM and an RM built on first use); tests build them once.
+TRAINED_IDS: list[str] = []

@@ -194,11 +194,15 @@ class RewardModelScorer(RewardFunction):
         self.label_index = label_index
         self.join = join
         self.batch_size = batch_size
-        self.max_length = max_length or getattr(model.config, "n_positions", None) or tokenizer.model_max_length
+        self.max_length = (
+            max_length or getattr(model.config, "n_positions", None) or tokenizer.model_max_length
+        )
         self.name = f"reward_model({getattr(model.config, 'name_or_path', '') or type(model).__name__})"
         n_labels = int(getattr(model.config, "num_labels", 1))
         if not 0 <= label_index < n_labels:
-            raise ValueError(f"label_index {label_index} out of range for a reward model with {n_labels} outputs")
+            raise ValueError(
+                f"label_index {label_index} out of range for a reward model with {n_labels} outputs"
+            )
         if tokenizer.pad_token_id is None:
             raise ValueError("the reward model's tokenizer has no pad token; set tokenizer.pad_token first")
         if model.config.pad_token_id is None:

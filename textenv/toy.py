@@ -14,11 +14,49 @@ import numpy as np
 from textenv.models import build_tiny_causal_lm, build_word_tokenizer, tiny_gpt2_config
 from textenv.rewards import KeywordReward
 
-TOY_WORDS = (
-    "the a this that movie film story plot acting music ending is was were felt seemed very quite "
-    "really not good great fine bad awful dull boring fun and but so . ,"
-).split()
-TOY_PROMPTS = ["the movie was", "this film is", "the acting was really", "the story", "a plot that was", "the ending"]
+TOY_WORDS = [
+    "the",
+    "a",
+    "this",
+    "that",
+    "movie",
+    "film",
+    "story",
+    "plot",
+    "acting",
+    "music",
+    "ending",
+    "is",
+    "was",
+    "were",
+    "felt",
+    "seemed",
+    "very",
+    "quite",
+    "really",
+    "not",
+    "good",
+    "great",
+    "fine",
+    "bad",
+    "awful",
+    "dull",
+    "boring",
+    "fun",
+    "and",
+    "but",
+    "so",
+    ".",
+    ",",
+]
+TOY_PROMPTS = [
+    "the movie was",
+    "this film is",
+    "the acting was really",
+    "the story",
+    "a plot that was",
+    "the ending",
+]
 
 
 def toy_prompts(rng: np.random.Generator, n: int) -> list[str]:
@@ -43,7 +81,12 @@ def make_toy_env(num_envs: int | None = None, seed: int = 0, **kwargs: Any):
     from textenv.env import TextGenerationEnv
     from textenv.vector_env import TextGenerationVectorEnv
 
-    params: dict[str, Any] = {"prompts": toy_prompts, "max_prompt_tokens": 6, "max_new_tokens": 8, **toy_components(seed)}
+    params: dict[str, Any] = {
+        "prompts": toy_prompts,
+        "max_prompt_tokens": 6,
+        "max_new_tokens": 8,
+        **toy_components(seed),
+    }
     params.update(kwargs)
     if num_envs is None:
         return TextGenerationEnv(**params)

@@ -133,13 +133,20 @@ class TextGenerationVectorEnv(gym.vector.VectorEnv):
 
     def bind_policy(self, policy: PolicyLink | PreTrainedModel | None) -> PolicyLink | None:
         """Bind the acting policy (see `TextGenerationEnv.bind_policy`); it must decode all B rows."""
-        link = policy if policy is None or isinstance(policy, PolicyLink) else PolicyLink(policy, pad_token_id=self.engine.pad_id)
+        link = (
+            policy
+            if policy is None or isinstance(policy, PolicyLink)
+            else PolicyLink(policy, pad_token_id=self.engine.pad_id)
+        )
         self.engine.bind_policy(link)
         return link
 
     # ------------------------------------------------------------------------------------- API
     def _observations(self) -> dict[str, np.ndarray]:
-        return {"input_ids": self.engine.ids.cpu().numpy().copy(), "attention_mask": self.engine.mask.cpu().numpy().copy()}
+        return {
+            "input_ids": self.engine.ids.cpu().numpy().copy(),
+            "attention_mask": self.engine.mask.cpu().numpy().copy(),
+        }
 
     def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
         """Reset all rows, or those in ``options["reset_mask"]``; ``options["prompts"]`` gives the prompts."""
@@ -147,7 +154,11 @@ class TextGenerationVectorEnv(gym.vector.VectorEnv):
         unknown = set(options) - {"prompts", "reset_mask"}
         if unknown:
             raise ValueError(f"unknown reset options {sorted(unknown)}; supported: 'prompts', 'reset_mask'")
-        mask = np.ones(self.num_envs, dtype=bool) if options.get("reset_mask") is None else np.asarray(options["reset_mask"], dtype=bool)
+        mask = (
+            np.ones(self.num_envs, dtype=bool)
+            if options.get("reset_mask") is None
+            else np.asarray(options["reset_mask"], dtype=bool)
+        )
         if mask.shape != (self.num_envs,):
             raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
         if not self.engine.started and not mask.all():
@@ -186,7 +197,9 @@ class TextGenerationVectorEnv(gym.vector.VectorEnv):
         low, high = int(tensor.min()), int(tensor.max())
         if low < 0 or high >= self.engine.vocab_size:
             bad = low if low < 0 else high
-            raise InvalidActionError(f"action {bad} is outside the action space [0, {self.engine.vocab_size})")
+            raise InvalidActionError(
+                f"action {bad} is outside the action space [0, {self.engine.vocab_size})"
+            )
         return tensor
 
     def step(self, actions: Any):
@@ -194,7 +207,11 @@ class TextGenerationVectorEnv(gym.vector.VectorEnv):
             raise EpisodeEndedError("step() called before reset()")
         tokens = self._check_actions(actions)
         autoreset_mode = self.metadata["autoreset_mode"]
-        resetting = self._autoreset.copy() if autoreset_mode == AutoresetMode.NEXT_STEP else np.zeros(self.num_envs, bool)
+        resetting = (
+            self._autoreset.copy()
+            if autoreset_mode == AutoresetMode.NEXT_STEP
+            else np.zeros(self.num_envs, bool)
+        )
         active = ~self.engine.done
         if not active.any() and not resetting.any():
             raise EpisodeEndedError("step() called after every episode ended; call reset() first")
@@ -233,6 +250,8 @@ class TextGenerationVectorEnv(gym.vector.VectorEnv):
 
     def render(self) -> tuple[str, ...] | None:
         if self.render_mode is None:
-            gym.logger.warn("render() called without a render_mode; pass render_mode='ansi' to the constructor")
+            gym.logger.warn(
+                "render() called without a render_mode; pass render_mode='ansi' to the constructor"
+            )
             return None
         return tuple(render_row(self.engine, r) for r in range(self.num_envs))

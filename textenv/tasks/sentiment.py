@@ -259,7 +259,7 @@ class SentimentTask(Task):
             first = self._review(rng)[0]
             start = 2 if first[0] in SENTENCE_ADVERBS else 0  # keep "overall ," whole
             # cut before the first word that carries or changes sentiment, so prompts are neutral
-            stop = next(i for i, w in enumerate(first) if POLARITY[w] or CATEGORY[w] in "IXG")
+            stop = next(i for i, w in enumerate(first) if POLARITY[w] or CATEGORY[w] in "IXG" or CATEGORY[w] == "A")
             cut = int(rng.integers(start + 1, max(start + 1, stop) + 1))
             out.append(" ".join(HEADER + first[:cut]))
         return out
