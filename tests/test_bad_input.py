@@ -10,9 +10,9 @@ from textenv.toy import make_toy_env
 
 
 def still_usable(env):
-    env.reset(seed=1)
-    _, _, terminated, _, _ = env.step(3)
-    assert not terminated or True  # a normal step works again
+    obs, _ = env.reset(seed=1)
+    obs, reward, _, _, info = env.step(3)  # a normal step works again
+    assert obs["input_ids"][env.engine.max_prompt_tokens] == 3 and info["kl"] == info["kl"]
 
 
 @pytest.mark.parametrize(

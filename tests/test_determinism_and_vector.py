@@ -82,7 +82,7 @@ def test_next_step_autoreset_resets_only_finished_rows_and_keeps_kl_exact():
     good = venv.tokenizer.convert_tokens_to_ids("good")
     rng = np.random.default_rng(0)
     saw_reset = False
-    for t in range(30):
+    for _ in range(30):
         acts = rng.integers(3, 30, size=B)
         acts[rng.random(B) < 0.2] = good
         before = venv.engine.sequences()

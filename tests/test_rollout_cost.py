@@ -30,10 +30,8 @@ def test_policy_runs_once_per_token_whoever_asks_first():
     env.reset(seed=0)
     gen = torch.Generator().manual_seed(0)
     for t in range(6):
-        if t % 2:
-            action = int(link.sample(gen)[0])  # the agent asks first
-        else:
-            action = 5  # the env asks (e.g. a scripted agent)
+        # Odd steps: the agent asks the link first; even steps: a scripted action, so the env asks.
+        action = int(link.sample(gen)[0]) if t % 2 else 5
         _, _, done, _, _ = env.step(action)
         if done:
             break
