@@ -1,0 +1,400 @@
+"""Token-level PPO for causal-LM policies acting in `TextGenerationVectorEnv`: RLHF stage 3.
+
+The algorithm is Ziegler et al. (2019) / InstructGPT as implemented in practice (TRL, OpenRLHF), laid out
+CleanRL-style: the math as small pure functions at the top, then one agent class whose `iteration` runs
+the phases in plain sight:
+
+1. **Rollout**: the vector env (autoreset disabled) starts B episodes; each step the agent reads the
+   policy's sampling distribution and the value from the `PolicyLink` (one cached forward of the policy
+   per token, shared with the env's KL term), samples, and steps the env. The env returns the shaped
+   rewards ``-β·KL_t`` (+ RM score at the last token).
+2. **Advantages**: GAE over tokens (γ=1, λ≈0.95) on the value estimates, optional reward whitening and
+   always-on advantage whitening over the valid tokens.
+3. **Update**: several epochs of minibatches; each sequence runs through the model once per minibatch
+   pass (never once per token); clipped policy and value losses, optional PPO-ptx pretraining loss,
+   gradient accumulation, clipping, linear LR annealing, early stop on approximate KL.
+4. **KL control**: the env's adaptive controller moves β from the measured KL as episodes end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from agents.value_head import PolicyWithValueHead
+from textenv.policy_link import PolicyLink
+from textenv.sampling import SamplingConfig, entropy, sample_tokens
+from textenv.vector_env import TextGenerationVectorEnv
+
+
+# ============================================================================================ math
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over entries where ``mask`` is true."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Standardise ``x`` over masked entries (unbiased variance); keep the mean if ``shift_mean`` is false."""
+    mean = masked_mean(x, mask)
+    centered = (x - mean) * mask
+    n = mask.sum().clamp(min=2)
+    var = (centered**2).sum() / (n - 1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over tokens; returns ``(advantages, returns)``, both ``(B, T)``.
+
+    Token t of a row is valid where ``mask`` is 1 (valid tokens form a prefix). The state after the last
+    valid token is terminal (EOS or the length budget), so its value is 0: nothing is bootstrapped.
+    """
+    B, T = rewards.shape
+    mask = mask.to(rewards.dtype)
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last * (mask[:, t + 1] if t + 1 < T else 0.0)) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate; returns ``(loss, clip fraction, approx KL k3)``."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss ``½ max((v - R)², (v_clip - R)²)``; returns ``(loss, clip fraction)``."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    return loss, masked_mean((loss_clipped > loss_unclipped).float(), mask)
+
+
+# ============================================================================================ config
+@dataclass
+class PPOConfig:
+    """Everything that shapes a PPO run. Defaults follow TRL / InstructGPT where those apply."""
+
+    learning_rate: float = 1e-4
+    """Adam learning rate (annealed linearly to 0 over the run when ``anneal_lr``)."""
+    anneal_lr: bool = True
+    """Linearly decay the learning rate to 0 over ``total_iterations``."""
+    total_iterations: int = 100
+    """The run length the LR schedule is laid out for."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+    minibatch_size: int = 16
+    """Episodes per optimizer step."""
+    micro_batch_size: int = 16
+    """Episodes per forward/backward; ``minibatch_size / micro_batch_size`` is the gradient accumulation."""
+    clip_range: float = 0.2
+    """PPO ratio clip ε."""
+    clip_range_value: float = 0.2
+    """Value clip around the rollout's value estimate."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    gamma: float = 1.0
+    """Discount; 1 for episodic text."""
+    lam: float = 0.95
+    """GAE λ."""
+    whiten_rewards: bool = False
+    """Standardise per-token rewards (not the mean) before GAE."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    target_kl: float | None = None
+    """Stop the epochs early when approximate KL exceeds 1.5 × this (None: never)."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the last reward of episodes that hit the length budget without EOS."""
+    ptx_coef: float = 0.0
+    """PPO-ptx: weight of a pretraining LM loss mixed into each update (InstructGPT); 0 disables."""
+    ptx_batch_size: int = 8
+    """Pretraining documents per update step when ``ptx_coef > 0``."""
+    temperature: float = 1.0
+    """Sampling temperature (reflected in every log-prob PPO and the KL use)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 = off)."""
+    bf16: bool = False
+    """bf16 autocast on CUDA for rollouts and updates."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory in the update (HF gradient checkpointing)."""
+    seed: int = 0
+    """Seeds sampling and the minibatch order."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "learning_rate": self.learning_rate > 0,
+            "ppo_epochs": self.ppo_epochs >= 1,
+            "minibatch_size": self.minibatch_size >= 1,
+            "micro_batch_size": self.micro_batch_size >= 1 and self.minibatch_size % self.micro_batch_size == 0,
+            "clip_range": self.clip_range > 0,
+            "clip_range_value": self.clip_range_value > 0,
+            "gamma": 0 < self.gamma <= 1,
+            "lam": 0 <= self.lam <= 1,
+            "ptx_coef": self.ptx_coef >= 0,
+            "total_iterations": self.total_iterations >= 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = {name: getattr(self, name) for name in bad}
+            raise ValueError(f"invalid PPO config values {values} (micro_batch_size must divide minibatch_size)")
+        _ = self.sampling  # validates temperature / top-k / top-p
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class Rollout:
+    """One batch of B finished episodes, on the policy's device. Token tensors are ``(B, T)``."""
+
+    input_ids: torch.Tensor  # (B, L) prompt (left-padded into P slots) + generated tokens
+    attention_mask: torch.Tensor  # (B, L)
+    prompt_slots: int  # P
+    actions: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    rewards: torch.Tensor
+    mask: torch.Tensor
+    scores: np.ndarray  # (B,) reward-function scores
+    kl: np.ndarray  # (B,) per-episode KL
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+    entropy: float = 0.0
+    seconds: float = 0.0
+
+
+# ============================================================================================ agent
+class PPOAgent:
+    """Token-level PPO on a causal LM acting in a `TextGenerationVectorEnv`.
+
+    :param policy: the policy LM with its value head (trained in place).
+    :param env: the vector env; its autoreset must be ``"Disabled"`` (one batch of B episodes per rollout).
+    :param config: hyper-parameters.
+    :param ptx_batches: for PPO-ptx, a callable returning ``(input_ids, attention_mask)`` of pretraining text.
+    :param gold_reward: optional ``fn(prompts, completions) -> scores`` logged as ``gold`` (never trained on).
+    """
+
+    def __init__(
+        self,
+        policy: PolicyWithValueHead,
+        env: TextGenerationVectorEnv,
+        config: PPOConfig | None = None,
+        ptx_batches: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+        gold_reward: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None,
+    ) -> None:
+        self.config = config or PPOConfig()
+        mode = env.metadata["autoreset_mode"]
+        if getattr(mode, "value", mode) != "Disabled":
+            raise ValueError("PPOAgent needs the vector env with autoreset_mode='Disabled' (one batch per rollout)")
+        if self.config.minibatch_size > env.num_envs:
+            raise ValueError(f"minibatch_size {self.config.minibatch_size} exceeds the batch of {env.num_envs} episodes")
+        if self.config.ptx_coef > 0 and ptx_batches is None:
+            raise ValueError("ptx_coef > 0 needs ptx_batches (pretraining text) for PPO-ptx")
+        self.policy = policy
+        self.env = env
+        self.ptx_batches = ptx_batches
+        self.gold_reward = gold_reward
+        self.device = next(policy.parameters()).device
+        self.link = PolicyLink(policy.lm, self.config.sampling, output_hidden_states=True, pad_token_id=env.engine.pad_id)
+        env.bind_policy(self.link)
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.config.learning_rate, eps=1e-5)
+        self.generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
+        self.iteration = 0
+        if self.config.gradient_checkpointing:
+            policy.lm.gradient_checkpointing_enable()
+
+    def _autocast(self):
+        if self.config.bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ------------------------------------------------------------------------------ 1. rollout
+    @torch.no_grad()
+    def rollout(self) -> Rollout:
+        """Run B episodes to the end with the current policy."""
+        start = time.perf_counter()
+        env, T = self.env, self.env.engine.max_new_tokens
+        self.policy.eval()
+        env.reset()
+        B = env.num_envs
+        store = {k: torch.zeros(B, T, device=self.device) for k in ("logprobs", "values", "rewards", "mask")}
+        actions = torch.zeros(B, T, dtype=torch.long, device=self.device)
+        scores, episode_kl = np.zeros(B), np.zeros(B)
+        entropies = []
+        for t in range(T):
+            active = torch.as_tensor(~env.done, device=self.device)
+            with self._autocast():
+                out = self.link.outputs()
+                logprobs = self.link.logprobs()
+            tokens = sample_tokens(logprobs.cpu(), self.generator).to(self.device)
+            store["logprobs"][:, t] = logprobs.gather(-1, tokens.view(-1, 1)).squeeze(-1)
+            store["values"][:, t] = self.policy.value(out.hidden)
+            entropies.append(masked_mean(entropy(logprobs), active).item())
+            actions[:, t] = tokens
+            _, rewards, terminated, _, info = env.step(tokens)
+            store["rewards"][:, t] = torch.as_tensor(rewards, device=self.device, dtype=torch.float32)
+            store["mask"][:, t] = active.float()
+            if terminated.any():
+                scores[terminated] = info["score"][terminated]
+                episode_kl[terminated] = info["episode_kl"][terminated]
+            if env.done.all():
+                break
+        mask = store["mask"]
+        lengths = mask.sum(1).long()
+        if self.config.missing_eos_penalty is not None:
+            last = actions.gather(1, (lengths - 1).clamp(min=0).view(-1, 1)).squeeze(1)
+            no_eos = last != env.engine.eos_id
+            store["rewards"][torch.arange(B, device=self.device)[no_eos], lengths[no_eos] - 1] -= self.config.missing_eos_penalty
+        engine = env.engine
+        return Rollout(
+            input_ids=engine.ids.clone().to(self.device),
+            attention_mask=engine.mask.clone().to(self.device),
+            prompt_slots=engine.max_prompt_tokens,
+            actions=actions,
+            logprobs=store["logprobs"],
+            values=store["values"] * mask,
+            rewards=store["rewards"] * mask,
+            mask=mask,
+            scores=scores,
+            kl=episode_kl,
+            prompts=[p.text for p in engine.prompts],  # type: ignore[union-attr]
+            completions=[engine.completion_text(r) for r in range(B)],
+            entropy=float(np.mean(entropies)),
+            seconds=time.perf_counter() - start,
+        )
+
+    # ------------------------------------------------------------------------------ 2-3. update
+    def _token_outputs(self, batch: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probs of the taken actions, values and entropy at every generated position of ``rows``."""
+        P, T = batch.prompt_slots, batch.actions.shape[1]
+        ids, attn = batch.input_ids[rows, : P + T], batch.attention_mask[rows, : P + T]
+        with self._autocast():
+            logits, values = self.policy(ids, attn)
+        logits = logits[:, P - 1 : P + T - 1].float()  # position i predicts token i + 1
+        logprobs_all = self.config.sampling.logprobs(logits)
+        logprobs = logprobs_all.gather(-1, batch.actions[rows].unsqueeze(-1)).squeeze(-1)
+        return logprobs, values[:, P - 1 : P + T - 1], entropy(logprobs_all)
+
+    def update(self, batch: Rollout) -> dict[str, float]:
+        """Advantages, then clipped PPO epochs over minibatches; returns the update statistics."""
+        cfg = self.config
+        mask = batch.mask
+        rewards = whiten(batch.rewards, mask, shift_mean=False) if cfg.whiten_rewards else batch.rewards
+        advantages, returns = compute_gae(rewards, batch.values, mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, mask)
+        if cfg.anneal_lr:
+            frac = max(0.0, 1.0 - self.iteration / cfg.total_iterations)
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.learning_rate * frac
+
+        self.policy.train()
+        B = batch.actions.shape[0]
+        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ptx_loss")}
+        accumulation = cfg.minibatch_size // cfg.micro_batch_size
+        stop = False
+        for _epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(B, generator=self.generator).to(self.device)
+            for mb_start in range(0, B - cfg.minibatch_size + 1, cfg.minibatch_size):
+                self.optimizer.zero_grad(set_to_none=True)
+                epoch_kl = []
+                for micro in range(accumulation):
+                    rows = order[mb_start + micro * cfg.micro_batch_size : mb_start + (micro + 1) * cfg.micro_batch_size]
+                    m = mask[rows]
+                    logprobs, values, _ = self._token_outputs(batch, rows)
+                    pg_loss, clipfrac, approx_kl = clipped_policy_loss(
+                        logprobs, batch.logprobs[rows], advantages[rows], m, cfg.clip_range
+                    )
+                    vf_loss, vf_clipfrac = clipped_value_loss(values, batch.values[rows], returns[rows], m, cfg.clip_range_value)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    if cfg.ptx_coef > 0:
+                        ptx_loss = self._ptx_loss()
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                        stats["ptx_loss"].append(ptx_loss.item())
+                    (loss / accumulation).backward()
+                    for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
+                                       ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):  # fmt: skip
+                        stats[key].append(value.item())
+                    epoch_kl.append(approx_kl.item())
+                nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                if cfg.target_kl is not None and np.mean(epoch_kl) > 1.5 * cfg.target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        self.policy.eval()
+        explained = 1 - torch.var(returns[mask.bool()] - batch.values[mask.bool()]) / torch.var(returns[mask.bool()]).clamp(min=1e-8)
+        out = {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
+        out["explained_variance"] = float(explained)
+        out["early_stopped"] = float(stop)
+        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    def _ptx_loss(self) -> torch.Tensor:
+        """PPO-ptx: the LM's next-token loss on a batch of pretraining text."""
+        assert self.ptx_batches is not None
+        ids, attn = (t.to(self.device) for t in self.ptx_batches())
+        with self._autocast():
+            logits, _ = self.policy(ids, attn)
+        labels = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+
+    # ------------------------------------------------------------------------------ 4. one iteration
+    def iteration_step(self) -> dict[str, float]:
+        """Rollout + update; returns the iteration's statistics."""
+        batch = self.rollout()
+        kl_coef = float(self.env.kl_controller.value)
+        update_start = time.perf_counter()
+        stats = self.update(batch)
+        update_seconds = time.perf_counter() - update_start
+        self.iteration += 1
+        tokens = float(batch.mask.sum())
+        stats.update(
+            iteration=self.iteration,
+            score=float(batch.scores.mean()),
+            kl=float(batch.kl.mean()),
+            kl_coef=kl_coef,
+            entropy=batch.entropy,
+            response_length=tokens / len(batch.scores),
+            rollout_tokens_per_s=tokens / max(batch.seconds, 1e-9),
+            tokens_per_s=tokens / max(batch.seconds + update_seconds, 1e-9),
+            seconds=batch.seconds + update_seconds,
+        )
+        if self.gold_reward is not None:
+            stats["gold"] = float(np.mean(self.gold_reward(batch.prompts, batch.completions)))
+        stats = {k: (v if math.isfinite(v) else float("nan")) for k, v in stats.items()}
+        return stats
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)

@@ -1,0 +1,54 @@
+"""A causal LM with a scalar value head on its shared trunk: the PPO actor-critic for text.
+
+Sharing the trunk (as in Ziegler et al. 2019 and TRL) costs one extra ``Linear(hidden, 1)`` instead of a
+second transformer, so the rollout reads the value from the same forward that produced the logits. The
+head starts at zero so the untrained critic predicts 0 and does not perturb the first updates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from textenv.models import position_ids_from_mask
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0: PPO's ratio must compare the same function twice."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM (the policy) plus a zero-initialised value head on its last hidden state.
+
+    :param lm: any Hugging Face causal LM; it is trained in place.
+    """
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.get_text_config().hidden_size if hasattr(lm.config, "get_text_config") else lm.config.hidden_size
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(next(lm.parameters()).device)
+        disable_dropout(lm)
+        lm.requires_grad_(True)  # a copy of the env's frozen reference comes with gradients off
+
+    def value(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Values ``(...,)`` from last-layer hidden states ``(..., H)``."""
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, L, V)`` and values ``(B, L)`` for whole sequences (one forward per sequence)."""
+        out = self.lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        return out.logits, self.value(out.hidden_states[-1])
