@@ -33,8 +33,10 @@ from textenv.policy_link import PolicyLink
 from textenv.sampling import SamplingConfig, entropy, sample_tokens
 from textenv.vector_env import TextGenerationVectorEnv
 
-
 # ============================================================================================ math
+LOGPROB_FLOOR = -50.0
+"""Log-probs below this are clamped in the update (tokens outside a top-k / top-p set)."""
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over entries where ``mask`` is true."""
     mask = mask.to(x.dtype)
@@ -232,7 +234,8 @@ class PPOAgent:
         self.generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
         self.iteration = 0
         if self.config.gradient_checkpointing:
-            policy.lm.gradient_checkpointing_enable()
+            lm = policy.lm  # transformers >= 5.x renamed gradient to activation checkpointing
+            (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
 
     def _autocast(self):
         if self.config.bf16 and self.device.type == "cuda":
@@ -304,6 +307,9 @@ class PPOAgent:
         logits = logits[:, P - 1 : P + T - 1].float()  # position i predicts token i + 1
         logprobs_all = self.config.sampling.logprobs(logits)
         logprobs = logprobs_all.gather(-1, batch.actions[rows].unsqueeze(-1)).squeeze(-1)
+        # With top-k / top-p a token can leave the truncated set as the policy moves (log-prob -inf); a
+        # finite floor keeps the ratio ~0 there and the statistics finite (padding positions too).
+        logprobs = logprobs.clamp(min=LOGPROB_FLOOR)
         return logprobs, values[:, P - 1 : P + T - 1], entropy(logprobs_all)
 
     def update(self, batch: Rollout) -> dict[str, float]:
