@@ -230,6 +230,7 @@ class PPOAgent:
         self.device = next(policy.parameters()).device
         self.link = PolicyLink(policy.lm, self.config.sampling, output_hidden_states=True, pad_token_id=env.engine.pad_id)
         env.bind_policy(self.link)
+        env.reset(seed=self.config.seed)  # seeds each row's prompt generator (seed + row), as Gymnasium does
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.config.learning_rate, eps=1e-5)
         self.generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
         self.iteration = 0

@@ -1,0 +1,56 @@
+"""Run folders: artefacts, and a killed-and-resumed run reproducing an uninterrupted one exactly."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from agents.evaluation import evaluate_policy
+from agents.ppo import PPOAgent, PPOConfig
+from agents.run import TIMING_KEYS, PPORun
+from agents.value_head import PolicyWithValueHead
+from textenv.toy import TOY_PROMPTS, make_toy_env
+
+
+def make_run(run_dir, evaluate=False):
+    env = make_toy_env(8, autoreset_mode="Disabled", max_new_tokens=4, kl_coef=0.05)
+    policy = PolicyWithValueHead(copy.deepcopy(env.reference_model))
+    agent = PPOAgent(policy, env, PPOConfig(learning_rate=1e-3, minibatch_size=4, micro_batch_size=4, total_iterations=4, seed=3))
+    fn = None
+    if evaluate:
+        def fn(lm):
+            return evaluate_policy(lm, env.reference_model, env.tokenizer, env.engine.reward_fn, TOY_PROMPTS, 6, 4)
+    return PPORun(agent, run_dir, checkpoint_every=2, evaluate=fn)
+
+
+def strip_timing(metrics):
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in metrics]
+
+
+def test_run_folder_contents(tmp_path):
+    run = make_run(tmp_path / "run", evaluate=True)
+    metrics = run.train(4, progress=False)
+    root = tmp_path / "run"
+    assert len(metrics) == 4 and [m["iteration"] for m in metrics] == [1, 2, 3, 4]
+    for name in ("config.json", "metrics.jsonl", "eval_before.json", "eval_after.json", "samples_before.jsonl",
+                 "samples_after.jsonl", "plots/score.png", "plots/kl.png", "plots/kl_coef.png", "latest.json",
+                 "policy/config.json", "policy/value_head.safetensors"):  # fmt: skip
+        assert (root / name).is_file(), name
+    assert list(root.glob("tb/events.out.tfevents.*"))
+    assert json.loads((root / "latest.json").read_text())["iteration"] == 4
+    reloaded = AutoModelForCausalLM.from_pretrained(root / "policy")
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, run.agent.policy.lm(ids).logits, atol=1e-6)
+    with pytest.raises(FileExistsError, match="resume=True"):
+        make_run(tmp_path / "run").train(4, progress=False)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    full = make_run(tmp_path / "full").train(4, progress=False)
+    killed = make_run(tmp_path / "killed")
+    killed.train(2, progress=False)  # "killed" after the checkpoint at iteration 2
+    resumed = make_run(tmp_path / "killed").train(4, resume=True, progress=False)
+    assert strip_timing(resumed) == strip_timing(full)
