@@ -192,7 +192,6 @@ class Rollout:
     kl: np.ndarray  # (B,) per-episode KL
     prompts: list[str] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
-    entropy: float = 0.0
     seconds: float = 0.0
 
 
@@ -255,7 +254,6 @@ class PPOAgent:
         store = {k: torch.zeros(B, T, device=self.device) for k in ("logprobs", "values", "rewards", "mask")}
         actions = torch.zeros(B, T, dtype=torch.long, device=self.device)
         scores, episode_kl = np.zeros(B), np.zeros(B)
-        entropies = []
         for t in range(T):
             active = torch.as_tensor(~env.done, device=self.device)
             with self._autocast():
@@ -264,7 +262,6 @@ class PPOAgent:
             tokens = sample_tokens(logprobs.cpu(), self.generator).to(self.device)
             store["logprobs"][:, t] = logprobs.gather(-1, tokens.view(-1, 1)).squeeze(-1)
             store["values"][:, t] = self.policy.value(out.hidden)
-            entropies.append(masked_mean(entropy(logprobs), active).item())
             actions[:, t] = tokens
             _, rewards, terminated, _, info = env.step(tokens)
             store["rewards"][:, t] = torch.as_tensor(rewards, device=self.device, dtype=torch.float32)
@@ -294,7 +291,6 @@ class PPOAgent:
             kl=episode_kl,
             prompts=[p.text for p in engine.prompts],  # type: ignore[union-attr]
             completions=[engine.completion_text(r) for r in range(B)],
-            entropy=float(np.mean(entropies)),
             seconds=time.perf_counter() - start,
         )
 
@@ -327,7 +323,9 @@ class PPOAgent:
 
         self.policy.train()
         B = batch.actions.shape[0]
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ptx_loss")}
+        stats: dict[str, list[float]] = {
+            k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ptx_loss", "entropy")
+        }
         accumulation = cfg.minibatch_size // cfg.micro_batch_size
         stop = False
         for _epoch in range(cfg.ppo_epochs):
@@ -338,7 +336,9 @@ class PPOAgent:
                 for micro in range(accumulation):
                     rows = order[mb_start + micro * cfg.micro_batch_size : mb_start + (micro + 1) * cfg.micro_batch_size]
                     m = mask[rows]
-                    logprobs, values, _ = self._token_outputs(batch, rows)
+                    logprobs, values, token_entropy = self._token_outputs(batch, rows)
+                    if _epoch == 0:  # the policy as it sampled the batch: its entropy, for free from this forward
+                        stats["entropy"].append(masked_mean(token_entropy.detach(), m).item())
                     pg_loss, clipfrac, approx_kl = clipped_policy_loss(
                         logprobs, batch.logprobs[rows], advantages[rows], m, cfg.clip_range
                     )
@@ -392,7 +392,6 @@ class PPOAgent:
             score=float(batch.scores.mean()),
             kl=float(batch.kl.mean()),
             kl_coef=kl_coef,
-            entropy=batch.entropy,
             response_length=tokens / len(batch.scores),
             rollout_tokens_per_s=tokens / max(batch.seconds, 1e-9),
             tokens_per_s=tokens / max(batch.seconds + update_seconds, 1e-9),

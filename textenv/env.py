@@ -51,6 +51,7 @@ def build_engine(
     device: str | torch.device | None,
     trust_remote_code: bool,
     join: Callable[[str, str], str],
+    record_history: bool = True,
 ) -> tuple[EpisodeBatch, PromptSource]:
     """Resolve user-facing arguments (paths, floats, callables) into the engine and its prompt source."""
     if isinstance(model, (str, Path)):
@@ -97,6 +98,7 @@ def build_engine(
         kl_estimator,
         controller,
         join,
+        record_history,
     )
     return engine, prompts
 
@@ -196,7 +198,7 @@ class TextGenerationEnv(gym.Env):
             )
         self.engine, self.prompt_source = build_engine(
             model, tokenizer, reward_fn, prompts, 1, max_prompt_tokens, max_new_tokens, stop_tokens,
-            kl_coef, kl_estimator, overflow, device, trust_remote_code, join,
+            kl_coef, kl_estimator, overflow, device, trust_remote_code, join, render_mode is not None,
         )  # fmt: skip
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(self.engine.vocab_size)

@@ -69,6 +69,7 @@ class EpisodeBatch:
     :param kl_estimator: ``k1``, ``k2``, ``k3`` or ``full`` (see `textenv.kl`).
     :param kl_controller: supplies β; adaptive controllers are updated as episodes end.
     :param join: how prompt and completion texts are joined for display.
+    :param record_history: keep per-token records for rendering (off in rollouts that never render).
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class EpisodeBatch:
         kl_estimator: str = "k1",
         kl_controller: FixedKLController | AdaptiveKLController | None = None,
         join=join_text,
+        record_history: bool = True,
     ) -> None:
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose one of {KL_ESTIMATORS}")
@@ -109,6 +111,7 @@ class EpisodeBatch:
         self.kl_estimator = kl_estimator
         self.kl_controller = kl_controller or FixedKLController(0.1)
         self.join = join
+        self.record_history = record_history
         self.device = model_device(ref_model)
         self.reference = IncrementalLM(ref_model, pad_token_id=self.pad_id)
         self.policy: PolicyLink | None = None
@@ -242,8 +245,8 @@ class EpisodeBatch:
             episode_kl[ended] = self.episode_kl[ended]
             self.kl_controller.update(float(self.episode_kl[ended].mean()), len(ended))
 
-        actions_np = actions.cpu().numpy()
-        for r in np.flatnonzero(active):
+        actions_np = actions.cpu().numpy() if self.record_history else np.zeros(0)
+        for r in np.flatnonzero(active) if self.record_history else ():
             self.history[r].append(
                 TokenRecord(int(actions_np[r]), float(rewards[r]), float(kl_np[r]), float(ref_np[r]))
             )

@@ -73,6 +73,7 @@ class IncrementalLM:
             position_ids=positions,
             use_cache=True,
             output_hidden_states=self.output_hidden_states,
+            logits_to_keep=1,  # only the next-token logits: the prefill skips the LM head elsewhere
             **{self._cache_kw: cache},
         )
         hidden = out.hidden_states[-1][:, -1].float() if self.output_hidden_states else None

@@ -96,7 +96,7 @@ class TextGenerationVectorEnv(gym.vector.VectorEnv):
         self.metadata = {**self.metadata, "autoreset_mode": AUTORESET_MODES[mode]}
         self.engine, self.prompt_source = build_engine(
             model, tokenizer, reward_fn, prompts, num_envs, max_prompt_tokens, max_new_tokens, stop_tokens,
-            kl_coef, kl_estimator, overflow, device, trust_remote_code, join,
+            kl_coef, kl_estimator, overflow, device, trust_remote_code, join, render_mode is not None,
         )  # fmt: skip
         self.num_envs = num_envs
         self.render_mode = render_mode

@@ -1,0 +1,58 @@
+"""Shared setup for the benchmarks: random-weight GPT-2 shapes, a matching word tokenizer, timers.
+
+Speed does not depend on the weights, so models are random; a word-level tokenizer with exactly the
+model's vocabulary lets the env decode completions and the reward model re-tokenise them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from textenv.models import (
+    build_tiny_causal_lm,
+    build_tiny_reward_model,
+    build_word_tokenizer,
+    tiny_gpt2_config,
+)
+
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": dict(vocab=1000, n_embd=64, n_layer=2, n_head=4),
+    "small": dict(vocab=8000, n_embd=256, n_layer=4, n_head=4),
+    "gpt2": dict(vocab=50257, n_embd=768, n_layer=12, n_head=12),  # GPT-2 small, 124M parameters
+}
+
+
+def build(shape: str, max_positions: int, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Policy, reference and reward model of one shape (random weights) and a tokenizer covering the vocab."""
+    spec = SHAPES[shape]
+    tokenizer = build_word_tokenizer([f"w{i}" for i in range(spec["vocab"] - 3)])
+    config = tiny_gpt2_config(len(tokenizer), n_positions=max_positions, n_embd=spec["n_embd"], n_layer=spec["n_layer"], n_head=spec["n_head"])
+    make = lambda seed: build_tiny_causal_lm(config, seed).to(device=device, dtype=dtype)  # noqa: E731
+    reward = build_tiny_reward_model(config, seed=2).to(device=device, dtype=dtype)
+    return {"policy": make(0), "reference": make(1), "reward": reward, "tokenizer": tokenizer}
+
+
+def random_prompts(tokenizer, batch: int, length: int, seed: int = 0) -> list[str]:
+    """``batch`` prompts of exactly ``length`` word tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, len(tokenizer), (batch, length), generator=gen)
+    return [" ".join(f"w{i - 3}" for i in row.tolist()) for row in ids]
+
+
+def timed(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, Any]:
+    """Best wall time of ``repeats`` runs after one warm-up (synchronising CUDA around each)."""
+    result = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, result

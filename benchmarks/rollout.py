@@ -1,0 +1,82 @@
+"""Rollout throughput: textenv (vector env + policy sampling + value + reference KL + RM) vs HF generate.
+
+Both sides decode the same model shape, batch, prompt length and number of new tokens in this process.
+HF ``generate`` does only sampling; the textenv rollout also runs the reference LM for the KL term, the
+value head and the reward model at the end, so a ratio >= 1 means the whole RLHF rollout is at least as
+fast as plain generation. Throughput counts ``batch × decode steps`` for both.
+
+    python benchmarks/rollout.py --shape tiny --batch 64 --prompt 16 --new 64          # CPU
+    python benchmarks/rollout.py --shape gpt2 --batch 64 --prompt 64 --new 128 --device cuda --bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from agents.ppo import PPOAgent, PPOConfig
+from agents.value_head import PolicyWithValueHead
+from benchmarks.common import SHAPES, build, random_prompts, timed
+from textenv.rewards import RewardModelScorer
+from textenv.vector_env import TextGenerationVectorEnv
+
+
+def rollout_agent(models, prompts, args) -> PPOAgent:
+    env = TextGenerationVectorEnv(
+        models["reference"], RewardModelScorer(models["reward"], models["tokenizer"], batch_size=len(prompts)),
+        prompts, num_envs=len(prompts), tokenizer=models["tokenizer"], max_prompt_tokens=args.prompt,
+        max_new_tokens=args.new, autoreset_mode="Disabled",
+    )  # fmt: skip
+    policy = PolicyWithValueHead(copy.deepcopy(models["policy"]))
+    return PPOAgent(policy, env, PPOConfig(minibatch_size=len(prompts), micro_batch_size=len(prompts), bf16=args.bf16))
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    models = build(args.shape, args.prompt + args.new, args.device, dtype)
+    prompts = random_prompts(models["tokenizer"], args.batch, args.prompt)
+    enc = models["tokenizer"](prompts, return_tensors="pt", padding=True).to(args.device)
+
+    def hf_generate():
+        with torch.no_grad():
+            out = models["policy"].generate(
+                **enc, do_sample=True, top_k=0, max_new_tokens=args.new, min_new_tokens=args.new,
+                pad_token_id=models["tokenizer"].pad_token_id,
+            )  # fmt: skip
+        return out.shape[1] - enc["input_ids"].shape[1]
+
+    agent = rollout_agent(models, prompts, args)
+
+    def textenv_rollout():
+        batch = agent.rollout()
+        return int((batch.mask.sum(0) > 0).sum())  # decode steps taken
+
+    hf_time, hf_steps = timed(hf_generate, args.device, args.repeats)
+    te_time, te_steps = timed(textenv_rollout, args.device, args.repeats)
+    hf_tps = args.batch * hf_steps / hf_time
+    te_tps = args.batch * te_steps / te_time
+    print(f"shape={args.shape} batch={args.batch} prompt={args.prompt} new={args.new} device={args.device} bf16={args.bf16}")
+    print(f"HF generate       : {hf_tps:10.0f} tokens/s  ({hf_steps} steps in {hf_time:.3f} s)")
+    print(f"textenv rollout   : {te_tps:10.0f} tokens/s  ({te_steps} steps in {te_time:.3f} s; + reference KL, value, RM)")
+    print(f"ratio textenv/HF  : {te_tps / hf_tps:.2f}x")
+    return {"hf_tokens_per_s": hf_tps, "textenv_tokens_per_s": te_tps, "ratio": te_tps / hf_tps}
+
+
+if __name__ == "__main__":
+    main()
