@@ -18,7 +18,8 @@ chosen token, but SB3 picks actions inside ``collect_rollouts`` where the env ca
 get them there (see docs/sb3.md):
 
 1. *provide* (default, one LM forward per token): bind a model-less `PolicyLink` to every sub-env with
-   `bind_links` and pass the links to the policy (``policy_kwargs=dict(model=lm, links=links)``). SB3
+   `bind_links` and pass the links to the policy (``policy_kwargs=dict(model=lm, links=links)``), or call
+   ``connect(algo)`` once the algorithm exists (also the way to re-wire after ``PPO.load``). SB3
    calls ``policy(obs)`` on the batch of all sub-envs' observations and then ``env.step(actions)``; in
    that call `LMPolicy.forward` hands row ``i`` of its log-softmax to link ``i``, and sub-env ``i`` reads
    the log-prob of the action it is given from there.
@@ -37,6 +38,7 @@ from typing import Any
 import gymnasium as gym
 import torch
 from gymnasium import spaces
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
@@ -189,11 +191,12 @@ class LMPolicy(ActorCriticPolicy):
         """
         features = self.extract_features(obs)
         ids, mask = split_token_features(features, self.features_extractor.length)  # type: ignore[arg-type]
-        if bool((mask.sum(-1) == 0).any()):
-            raise ValueError("an observation has no real token (attention_mask is all zeros)")
         L = ids.shape[1]
         last = L - 1 - mask.flip(-1).argmax(-1)  # index of the last 1 in each row's mask
-        cut = int(last.max()) + 1
+        longest, fewest_real = torch.stack([last.max(), mask.sum(-1).min()]).tolist()  # one host sync
+        if fewest_real == 0:
+            raise ValueError("an observation has no real token (attention_mask is all zeros)")
+        cut = int(longest) + 1
         ids, mask = ids[:, :cut], mask[:, :cut]
         out = self.lm(
             input_ids=ids,
@@ -260,6 +263,23 @@ class LMPolicy(ActorCriticPolicy):
         return self._distribution(logits).get_actions(deterministic=deterministic)
 
 
+class SB3Agent:
+    """Any SB3 actor-critic policy with ``Discrete`` actions as an agent for `agents.random_agent.evaluate`.
+
+    :param policy: e.g. ``PPO(...).policy`` (an `LMPolicy` or SB3's ``MultiInputPolicy``).
+    """
+
+    def __init__(self, policy: ActorCriticPolicy) -> None:
+        self.policy = policy
+
+    @torch.no_grad()
+    def logprobs(self, observation: dict[str, Any]) -> torch.Tensor:
+        """``(V,)`` log-probs of the policy's distribution at one observation."""
+        obs, _ = self.policy.obs_to_tensor(observation)
+        dist = self.policy.get_distribution(obs)
+        return dist.distribution.logits[0].float()  # type: ignore[attr-defined]  # normalised by torch
+
+
 # ----------------------------------------------------------------------------------------- wiring
 def _sub_envs(env: gym.Env | VecEnv) -> list[gym.Env]:
     if isinstance(env, VecEnv):
@@ -296,6 +316,31 @@ def bind_lm(env: gym.Env | VecEnv, policy: LMPolicy) -> None:
     policy.links = None
     for sub in _sub_envs(env):
         sub.bind_policy(policy.lm)
+
+
+def connect(algo: BaseAlgorithm, mode: str = "provide") -> list[PolicyLink] | None:
+    """Wire an SB3 algorithm's `LMPolicy` to its envs' KL term; call after creating *or loading* the model.
+
+    Equivalent to passing ``links=bind_links(env)`` in ``policy_kwargs``, but works on the env SB3 actually
+    steps (it wraps a single env in ``Monitor`` + ``DummyVecEnv``) and after ``PPO.load``, whose policy
+    comes back with stale, unbound copies of any links that were in ``policy_kwargs``.
+
+    :param algo: e.g. ``PPO(LMPolicy, env, policy_kwargs=dict(model=lm))``.
+    :param mode: ``"provide"`` (one forward per token; the default) or ``"lm"`` (envs run the LM, `bind_lm`).
+    :return: the links in ``"provide"`` mode, else ``None``.
+    """
+    policy, env = algo.policy, algo.get_env()
+    if not isinstance(policy, LMPolicy):
+        raise TypeError(f"connect needs an LMPolicy, got {type(policy).__name__}")
+    if env is None:
+        raise ValueError("the algorithm has no env; pass one to PPO(...) / PPO.load(..., env=env)")
+    if mode == "provide":
+        policy.links = bind_links(env)
+        return policy.links
+    if mode == "lm":
+        bind_lm(env, policy)
+        return None
+    raise ValueError(f"mode must be 'provide' or 'lm', got {mode!r}")
 
 
 def _output_size(lm: nn.Module) -> int:

@@ -1,0 +1,220 @@
+"""The main job: all three RLHF stages on an offline task, end to end, in one run folder.
+
+1. **Language model**: pretrain a tiny LM on the task's corpus (or load the user's LM folder / hub name);
+2. **Reward model**: sample K completions per prompt from the LM, have simulated annotators rank them by
+   the hidden gold reward (or load the user's preference JSONL), train a Bradley–Terry RM (or load the
+   user's RM);
+3. **PPO**: a copy of the LM learns in `TextGenerationVectorEnv` against the RM minus the KL penalty.
+
+Then the policy before and after PPO is evaluated on held-out prompts (gold reward, RM score, KL,
+perplexity, distinct-n), printed as a table with sample texts, and saved as ``summary.json``. Each stage
+reuses its artefact if the run folder already has it, so ``resume=True`` continues a killed run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from agents.checkpoint import write_json_atomic
+from agents.evaluation import EvalResult, evaluate_policy
+from agents.ppo import PPOAgent, PPOConfig
+from agents.run import PPORun
+from agents.value_head import PolicyWithValueHead
+from textenv.kl import AdaptiveKLController
+from textenv.models import load_causal_lm, load_reward_model, load_tokenizer, same_vocabulary
+from textenv.rewards import RewardModelScorer
+from textenv.tasks import get_task
+from textenv.vector_env import TextGenerationVectorEnv
+
+
+@dataclass
+class RLHFConfig:
+    """Settings of the main job. The defaults run on 2 CPU cores in a few minutes."""
+
+    task: str = "sentiment"
+    """Built-in task name (see ``textenv.tasks.TASKS``)."""
+    run_dir: str = "runs/rlhf"
+    """Where every artefact goes."""
+    seed: int = 0
+    """Seeds every stage."""
+    lm: str | None = None
+    """Start from this LM (folder or hub name) instead of pretraining."""
+    rm: str | None = None
+    """Use this reward model (folder or hub name) instead of training one."""
+    preferences: str | None = None
+    """Train the RM on this preference JSONL instead of simulated labels."""
+    preference_prompts: int = 1500
+    """Prompts to sample completions for (stage 2)."""
+    completions_per_prompt: int = 2
+    """K completions per prompt to rank (2 = pairwise)."""
+    annotators: int = 5
+    """Simulated annotators in the pool."""
+    annotator_temperature: float = 0.15
+    """Bradley–Terry choice noise of the simulated annotators."""
+    annotator_disagreement: float = 0.1
+    """Per-annotator opinion noise."""
+    rm_steps: int = 600
+    """Reward-model training steps."""
+    iterations: int = 40
+    """PPO iterations."""
+    num_envs: int = 64
+    """Episodes per PPO iteration (the batch)."""
+    init_kl_coef: float = 0.05
+    """Initial β."""
+    target_kl: float = 4.0
+    """Per-episode KL the adaptive controller aims for (nats)."""
+    kl_horizon: int = 2000
+    """Episodes for the adaptive controller to make a full correction."""
+    ppo: dict[str, Any] = field(default_factory=lambda: dict(learning_rate=2e-4, minibatch_size=16, micro_batch_size=16))
+    """Extra `PPOConfig` fields."""
+    eval_prompts: int = 256
+    """Held-out prompts for the before/after evaluation."""
+    checkpoint_every: int = 5
+    """PPO checkpoint interval (iterations)."""
+    kl_bound: float = 15.0
+    """The stated bound on the final mean per-sequence KL, checked in the summary."""
+
+
+def _stage_lm(cfg: RLHFConfig, task, run_dir: Path, progress: bool, console: Console) -> Path | str:
+    if cfg.lm is not None:
+        return cfg.lm
+    lm_dir = run_dir / "lm"
+    if not (lm_dir / "config.json").exists():
+        from textenv.pretraining import pretrain_task_lm
+
+        console.print("[bold]Stage 1[/bold]: pretraining the language model")
+        result = pretrain_task_lm(task, seed=cfg.seed, out_dir=lm_dir, progress=progress)
+        console.print(result.summary())
+    return lm_dir
+
+
+def _stage_rm(cfg: RLHFConfig, task, lm_path: Path | str, run_dir: Path, progress: bool, console: Console) -> Path | str:
+    if cfg.rm is not None:
+        return cfg.rm
+    rm_dir = run_dir / "rm"
+    if (rm_dir / "config.json").exists():
+        return rm_dir
+    from textenv.preferences import (
+        SimulatedAnnotators,
+        load_preferences,
+        make_samples,
+        sample_completions,
+        write_records,
+    )
+    from textenv.reward_model_training import train_reward_model
+
+    lm, tokenizer = load_causal_lm(lm_path), load_tokenizer(lm_path)
+    if cfg.preferences is not None:
+        records = load_preferences(cfg.preferences)
+        console.print(f"[bold]Stage 2[/bold]: {len(records)} preference records from {cfg.preferences}")
+    else:
+        console.print("[bold]Stage 2[/bold]: sampling completions and simulated preference labels")
+        prompts = task.prompts(np.random.default_rng([cfg.seed, 2]), cfg.preference_prompts)
+        completions = sample_completions(
+            lm, tokenizer, prompts, cfg.completions_per_prompt, task.max_new_tokens, seed=cfg.seed, progress=progress
+        )
+        annotators = SimulatedAnnotators(
+            task, cfg.annotators, cfg.annotator_temperature, cfg.annotator_disagreement, seed=cfg.seed
+        )
+        records = annotators.label(make_samples(prompts, completions), progress=progress)
+        write_records(records, run_dir / "preferences.jsonl")
+    result = train_reward_model(
+        records, tokenizer, task=task, init_from=lm_path, steps=cfg.rm_steps, seed=cfg.seed, out_dir=rm_dir, progress=progress
+    )
+    console.print(result.summary())
+    return rm_dir
+
+
+def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, console: Console | None = None) -> dict[str, Any]:
+    """Run the main job; returns (and writes to ``summary.json``) the before/after figures."""
+    console = console or Console()
+    task = get_task(cfg.task)
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise FileExistsError(f"run folder {run_dir} is not empty: pass resume=True (--resume) or pick another")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / "rlhf_config.json", asdict(cfg))
+    torch.manual_seed(cfg.seed)
+
+    lm_path = _stage_lm(cfg, task, run_dir, progress, console)
+    rm_path = _stage_rm(cfg, task, lm_path, run_dir, progress, console)
+
+    # ---- stage 3: PPO against the RM, with the KL penalty to the frozen pretrained LM.
+    console.print("[bold]Stage 3[/bold]: PPO")
+    reference, tokenizer = load_causal_lm(lm_path), load_tokenizer(lm_path)
+    rm, rm_tokenizer = load_reward_model(rm_path), load_tokenizer(rm_path)
+    if not same_vocabulary(tokenizer, rm_tokenizer):
+        console.print("note: the reward model has its own tokenizer; completions are re-tokenised as text for it")
+    scorer = RewardModelScorer(rm, rm_tokenizer, join=task.join)
+    ppo_config = PPOConfig(**{"total_iterations": cfg.iterations, "seed": cfg.seed, **cfg.ppo})
+    env = TextGenerationVectorEnv(
+        reference, scorer, task.prompts, num_envs=cfg.num_envs, tokenizer=tokenizer,
+        max_prompt_tokens=task.max_prompt_tokens, max_new_tokens=task.max_new_tokens,
+        kl_coef=AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon), autoreset_mode="Disabled",
+        join=task.join,
+    )  # fmt: skip
+    policy = PolicyWithValueHead(copy.deepcopy(reference))
+    agent = PPOAgent(policy, env, ppo_config, gold_reward=task.gold_reward)
+    heldout = task.prompts(np.random.default_rng([cfg.seed, 99]), cfg.eval_prompts)
+
+    def evaluate(lm) -> EvalResult:
+        return evaluate_policy(
+            lm, reference, tokenizer, scorer, heldout, task.max_prompt_tokens, task.max_new_tokens,
+            gold_reward=task.gold_reward, seed=cfg.seed + 1, join=task.join,
+        )  # fmt: skip
+
+    run = PPORun(agent, run_dir / "ppo", cfg.checkpoint_every, evaluate, {"task": cfg.task, "lm": str(lm_path), "rm": str(rm_path)})
+    run.train(cfg.iterations, resume=resume and (run_dir / "ppo" / "latest.json").exists(), progress=progress)
+    before = json.loads((run_dir / "ppo" / "eval_before.json").read_text())
+    after = json.loads((run_dir / "ppo" / "eval_after.json").read_text())
+    summary = summarize(before, after, cfg)
+    write_json_atomic(run_dir / "summary.json", summary)
+    print_summary(summary, run_dir, console)
+    return summary
+
+
+def summarize(before: dict[str, Any], after: dict[str, Any], cfg: RLHFConfig) -> dict[str, Any]:
+    """Before/after figures and the two claims the main job makes (gold improvement, KL bound)."""
+    summary: dict[str, Any] = {"task": cfg.task, "before": before, "after": after, "kl_bound": cfg.kl_bound}
+    if before.get("gold") is not None and after.get("gold") is not None:
+        std = before["gold_std"] or 1.0
+        summary["gold_improvement"] = after["gold"] - before["gold"]
+        summary["gold_improvement_in_std"] = (after["gold"] - before["gold"]) / std
+        summary["gold_improved_by_1_std"] = summary["gold_improvement_in_std"] >= 1.0
+    summary["kl_within_bound"] = after["kl"] <= cfg.kl_bound
+    return summary
+
+
+def print_summary(summary: dict[str, Any], run_dir: Path, console: Console) -> None:
+    """The before/after table and a few sample texts."""
+    table = Table(title=f"RLHF on {summary['task']}: pretrained LM vs PPO policy (held-out prompts)")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key in ("gold", "score", "kl", "perplexity", "distinct_1", "distinct_2", "length"):
+        b, a = summary["before"].get(key), summary["after"].get(key)
+        if b is not None:
+            table.add_row(key, f"{b:.3f}", f"{a:.3f}")
+    console.print(table)
+    if "gold_improvement_in_std" in summary:
+        console.print(
+            f"gold reward improved by {summary['gold_improvement']:.3f} = "
+            f"{summary['gold_improvement_in_std']:.2f} std of the pretrained LM's gold reward; "
+            f"final KL {summary['after']['kl']:.2f} (bound {summary['kl_bound']})"
+        )
+    for when in ("before", "after"):
+        path = run_dir / "ppo" / f"samples_{when}.jsonl"
+        samples = [json.loads(line) for line in path.read_text().splitlines()[:3]]
+        console.print(f"[bold]samples {when}[/bold]")
+        for s in samples:
+            console.print(f"  {s['prompt']} [cyan]{s['completion']}[/cyan]  (gold {s.get('gold', float('nan')):.2f})")
+    console.print(f"run folder: {run_dir}")
