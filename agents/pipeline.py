@@ -27,7 +27,7 @@ from rich.table import Table
 from agents.checkpoint import write_json_atomic
 from agents.evaluation import EvalResult, evaluate_policy
 from agents.ppo import PPOAgent, PPOConfig
-from agents.run import PPORun
+from agents.run import TrainingRun
 from agents.value_head import PolicyWithValueHead
 from textenv.kl import AdaptiveKLController
 from textenv.models import load_causal_lm, load_reward_model, load_tokenizer, same_vocabulary
@@ -172,7 +172,7 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
             gold_reward=task.gold_reward, seed=cfg.seed + 1, join=task.join,
         )  # fmt: skip
 
-    run = PPORun(agent, run_dir / "ppo", cfg.checkpoint_every, evaluate, {"task": cfg.task, "lm": str(lm_path), "rm": str(rm_path)})
+    run = TrainingRun(agent, run_dir / "ppo", cfg.checkpoint_every, evaluate, {"task": cfg.task, "lm": str(lm_path), "rm": str(rm_path)})
     run.train(cfg.iterations, resume=resume and (run_dir / "ppo" / "latest.json").exists(), progress=progress)
     before = json.loads((run_dir / "ppo" / "eval_before.json").read_text())
     after = json.loads((run_dir / "ppo" / "eval_after.json").read_text())

@@ -1,8 +1,14 @@
-"""A PPO training run in a folder, resumable exactly.
+"""A training run in a folder, resumable exactly: PPO and every baseline share this format.
+
+Any agent with this shape can be driven (`agents.ppo.PPOAgent` and the baselines in `agents/` have it):
+``policy`` (an ``nn.Module`` whose ``.lm`` is the causal LM; checkpointed whole), ``optimizer``,
+``generator`` (the torch RNG it samples with), ``env`` (a `TextGenerationVectorEnv`), ``iteration``,
+``iteration_step() -> dict`` (one rollout + update, returning statistics with at least ``score``, ``kl``
+and ``kl_coef``) and ``config_dict() -> dict``.
 
 The folder holds what a person wants after a run and what a crash must not lose:
 
-- ``config.json``: the PPO config and the run's settings;
+- ``config.json``: the agent's config and the run's settings;
 - ``metrics.jsonl``: one line of statistics per iteration (also written to TensorBoard under ``tb/``);
 - ``plots/``: PNGs of RM score, gold reward, KL and β over iterations;
 - ``eval_before.json`` / ``eval_after.json`` and ``samples_before.jsonl`` / ``samples_after.jsonl``;
@@ -25,13 +31,12 @@ from tqdm.auto import tqdm
 from agents.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from agents.evaluation import EvalResult
 from agents.plots import plot_metrics
-from agents.ppo import PPOAgent
 
 TIMING_KEYS = ("seconds", "tokens_per_s", "rollout_tokens_per_s")
 
 
-class PPORun:
-    """Drive a `PPOAgent` for a number of iterations with a run folder.
+class TrainingRun:
+    """Drive an agent (see the module docstring) for a number of iterations with a run folder.
 
     :param agent: the agent (policy, env, config).
     :param run_dir: the folder (created if missing).
@@ -42,7 +47,7 @@ class PPORun:
 
     def __init__(
         self,
-        agent: PPOAgent,
+        agent: Any,
         run_dir: str | Path,
         checkpoint_every: int = 5,
         evaluate: Callable[[Any], EvalResult] | None = None,
@@ -104,21 +109,21 @@ class PPORun:
             raise FileExistsError(f"{self.run_dir} already holds a run; pass resume=True or choose a new folder")
         write_json_atomic(
             self.run_dir / "config.json",
-            {"ppo": self.agent.config_dict(), "iterations": iterations, "checkpoint_every": self.checkpoint_every,
+            {"agent": type(self.agent).__name__, "config": self.agent.config_dict(), "iterations": iterations, "checkpoint_every": self.checkpoint_every,
              "num_envs": self.agent.env.num_envs, "max_new_tokens": self.agent.env.engine.max_new_tokens,
              **self.extra_config},
         )  # fmt: skip
         if self.evaluate is not None and done == 0:
             self._write_eval("before", self.evaluate(self.agent.policy.lm))
         writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=done + 1)
-        bar = tqdm(total=iterations, initial=done, desc="PPO", disable=not progress, unit="it")
+        bar = tqdm(total=iterations, initial=done, desc=type(self.agent).__name__, disable=not progress, unit="it")
         with self.metrics_path.open("a") as metrics_file:
             while self.agent.iteration < iterations:
                 stats = self.agent.iteration_step()
                 metrics_file.write(json.dumps(stats) + "\n")
                 metrics_file.flush()
                 for key, value in stats.items():
-                    writer.add_scalar(f"ppo/{key}", value, self.agent.iteration)
+                    writer.add_scalar(f"train/{key}", value, self.agent.iteration)
                 bar.update(1)
                 bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{stats['kl_coef']:.3f}")
                 if self.agent.iteration % self.checkpoint_every == 0 or self.agent.iteration == iterations:

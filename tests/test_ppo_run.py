@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from agents.evaluation import evaluate_policy
 from agents.ppo import PPOAgent, PPOConfig
-from agents.run import TIMING_KEYS, PPORun
+from agents.run import TIMING_KEYS, TrainingRun
 from agents.value_head import PolicyWithValueHead
 from textenv.toy import TOY_PROMPTS, make_toy_env
 
@@ -22,7 +22,7 @@ def make_run(run_dir, evaluate=False):
     if evaluate:
         def fn(lm):
             return evaluate_policy(lm, env.reference_model, env.tokenizer, env.engine.reward_fn, TOY_PROMPTS, 6, 4)
-    return PPORun(agent, run_dir, checkpoint_every=2, evaluate=fn)
+    return TrainingRun(agent, run_dir, checkpoint_every=2, evaluate=fn)
 
 
 def strip_timing(metrics):
