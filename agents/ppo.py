@@ -231,7 +231,7 @@ class PPOAgent:
         env.bind_policy(self.link)
         env.reset(seed=self.config.seed)  # seeds each row's prompt generator (seed + row), as Gymnasium does
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.config.learning_rate, eps=1e-5)
-        self.generator = torch.Generator(device="cpu").manual_seed(self.config.seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(self.config.seed)  # on CPU: same draws on any device
         self.iteration = 0
         if self.config.gradient_checkpointing:
             lm = policy.lm  # transformers >= 5.x renamed gradient to activation checkpointing
@@ -259,7 +259,7 @@ class PPOAgent:
             with self._autocast():
                 out = self.link.outputs()
                 logprobs = self.link.logprobs()
-            tokens = sample_tokens(logprobs.cpu(), self.generator).to(self.device)
+            tokens = sample_tokens(logprobs, self.generator)
             store["logprobs"][:, t] = logprobs.gather(-1, tokens.view(-1, 1)).squeeze(-1)
             store["values"][:, t] = self.policy.value(out.hidden)
             actions[:, t] = tokens
