@@ -25,18 +25,38 @@ class PolicyWithValueHead(nn.Module):
     """A causal LM (the policy) plus a zero-initialised value head on its last hidden state.
 
     :param lm: any Hugging Face causal LM; it is trained in place.
+    :param lora_r: if > 0, train LoRA adapters of this rank (peft) instead of the LM's weights: the base
+        weights stay frozen, which cuts optimizer memory to the adapters and the value head.
+    :param lora_alpha: LoRA scaling numerator (``alpha / r`` scales the adapter's output).
+    :param lora_target_modules: module names to adapt (peft's defaults for known architectures if None).
     """
 
-    def __init__(self, lm: PreTrainedModel) -> None:
+    def __init__(
+        self,
+        lm: PreTrainedModel,
+        lora_r: int = 0,
+        lora_alpha: int = 16,
+        lora_target_modules: list[str] | None = None,
+    ) -> None:
         super().__init__()
+        disable_dropout(lm)
+        if lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+            from transformers.pytorch_utils import Conv1D
+
+            lm.requires_grad_(False)
+            conv1d = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores weights transposed
+            config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=lora_target_modules,
+                                task_type="CAUSAL_LM", fan_in_fan_out=conv1d)  # fmt: skip
+            lm = get_peft_model(lm, config)
+        else:
+            lm.requires_grad_(True)  # a copy of the env's frozen reference comes with gradients off
         self.lm = lm
         hidden = lm.config.get_text_config().hidden_size if hasattr(lm.config, "get_text_config") else lm.config.hidden_size
         self.value_head = nn.Linear(hidden, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.value_head.to(next(lm.parameters()).device)
-        disable_dropout(lm)
-        lm.requires_grad_(True)  # a copy of the env's frozen reference comes with gradients off
 
     def value(self, hidden: torch.Tensor) -> torch.Tensor:
         """Values ``(...,)`` from last-layer hidden states ``(..., H)``."""

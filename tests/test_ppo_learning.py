@@ -61,3 +61,16 @@ def test_ppo_refuses_bad_setups():
         PPOAgent(policy, env, PPOConfig(minibatch_size=8, micro_batch_size=8))
     with pytest.raises(ValueError, match="ptx_batches"):
         PPOAgent(policy, env, PPOConfig(minibatch_size=4, micro_batch_size=4, ptx_coef=1.0))
+
+
+def test_lora_trains_only_adapters_and_value_head():
+    env = make_toy_env(8, autoreset_mode="Disabled", max_new_tokens=4)
+    policy = PolicyWithValueHead(copy.deepcopy(env.reference_model), lora_r=4, lora_target_modules=["c_attn"])
+    base_before = {k: v.clone() for k, v in policy.lm.get_base_model().state_dict().items() if "lora" not in k}
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora" in n or n.startswith("value_head") for n in trainable)
+    agent = PPOAgent(policy, env, PPOConfig(learning_rate=1e-2, minibatch_size=4, micro_batch_size=4))
+    stats = agent.iteration_step()
+    assert np.isfinite(stats["policy_loss"]) and stats["approx_kl"] > 0  # the adapters moved the policy
+    after = policy.lm.get_base_model().state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base_before.items())  # base weights untouched

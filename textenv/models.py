@@ -195,7 +195,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def cache_keyword(model: torch.nn.Module) -> str:
     """The forward() keyword for the KV cache: ``cache`` in transformers >= 5.x, ``past_key_values`` before."""
-    params = inspect.signature(model.forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers pass kwargs on
+    params = inspect.signature(base.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
