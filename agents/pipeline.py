@@ -38,7 +38,10 @@ from textenv.vector_env import TextGenerationVectorEnv
 
 @dataclass
 class RLHFConfig:
-    """Settings of the main job. The defaults run on 2 CPU cores in a few minutes."""
+    """Settings of the main job. The defaults run on 2 CPU cores in a few minutes.
+
+    Stages 1-2 use the task's default budget (``textenv.tasks.artifacts.DEFAULT_TASK_BUDGETS``).
+    """
 
     task: str = "sentiment"
     """Built-in task name (see ``textenv.tasks.TASKS``)."""
@@ -52,18 +55,6 @@ class RLHFConfig:
     """Use this reward model (folder or hub name) instead of training one."""
     preferences: str | None = None
     """Train the RM on this preference JSONL instead of simulated labels."""
-    preference_prompts: int = 1500
-    """Prompts to sample completions for (stage 2)."""
-    completions_per_prompt: int = 2
-    """K completions per prompt to rank (2 = pairwise)."""
-    annotators: int = 5
-    """Simulated annotators in the pool."""
-    annotator_temperature: float = 0.15
-    """Bradley–Terry choice noise of the simulated annotators."""
-    annotator_disagreement: float = 0.1
-    """Per-annotator opinion noise."""
-    rm_steps: int = 600
-    """Reward-model training steps."""
     iterations: int = 40
     """PPO iterations."""
     num_envs: int = 64
@@ -84,54 +75,25 @@ class RLHFConfig:
     """The stated bound on the final mean per-sequence KL, checked in the summary."""
 
 
-def _stage_lm(cfg: RLHFConfig, task, run_dir: Path, progress: bool, console: Console) -> Path | str:
-    if cfg.lm is not None:
-        return cfg.lm
-    lm_dir = run_dir / "lm"
-    if not (lm_dir / "config.json").exists():
-        from textenv.pretraining import pretrain_task_lm
-
-        console.print("[bold]Stage 1[/bold]: pretraining the language model")
-        result = pretrain_task_lm(task, seed=cfg.seed, out_dir=lm_dir, progress=progress)
-        console.print(result.summary())
-    return lm_dir
-
-
-def _stage_rm(cfg: RLHFConfig, task, lm_path: Path | str, run_dir: Path, progress: bool, console: Console) -> Path | str:
+def _stages_1_2(cfg: RLHFConfig, run_dir: Path, progress: bool, console: Console) -> tuple[Path | str, Path | str]:
+    """The LM and RM paths: the user's, or built into ``run_dir/models`` (reused when already there)."""
     if cfg.rm is not None:
-        return cfg.rm
-    rm_dir = run_dir / "rm"
-    if (rm_dir / "config.json").exists():
-        return rm_dir
-    from textenv.preferences import (
-        SimulatedAnnotators,
-        load_preferences,
-        make_samples,
-        sample_completions,
-        write_records,
-    )
-    from textenv.reward_model_training import train_reward_model
+        if cfg.lm is None:
+            raise ValueError("--rm needs --lm too: the reward model must be paired with the LM it judges")
+        return cfg.lm, cfg.rm
+    models = run_dir / "models"
+    if not (models / "build.json").exists():
+        from textenv.preferences import load_preferences
+        from textenv.tasks.artifacts import build_task_models
 
-    lm, tokenizer = load_causal_lm(lm_path), load_tokenizer(lm_path)
-    if cfg.preferences is not None:
-        records = load_preferences(cfg.preferences)
-        console.print(f"[bold]Stage 2[/bold]: {len(records)} preference records from {cfg.preferences}")
-    else:
-        console.print("[bold]Stage 2[/bold]: sampling completions and simulated preference labels")
-        prompts = task.prompts(np.random.default_rng([cfg.seed, 2]), cfg.preference_prompts)
-        completions = sample_completions(
-            lm, tokenizer, prompts, cfg.completions_per_prompt, task.max_new_tokens, seed=cfg.seed, progress=progress
-        )
-        annotators = SimulatedAnnotators(
-            task, cfg.annotators, cfg.annotator_temperature, cfg.annotator_disagreement, seed=cfg.seed
-        )
-        records = annotators.label(make_samples(prompts, completions), progress=progress)
-        write_records(records, run_dir / "preferences.jsonl")
-    result = train_reward_model(
-        records, tokenizer, task=task, init_from=lm_path, steps=cfg.rm_steps, seed=cfg.seed, out_dir=rm_dir, progress=progress
-    )
-    console.print(result.summary())
-    return rm_dir
+        records = load_preferences(cfg.preferences) if cfg.preferences is not None else None
+        console.print("[bold]Stages 1-2[/bold]: " + ("pretrained LM" if cfg.lm is None else f"LM {cfg.lm}") + ", "
+                      + ("simulated preferences" if records is None else f"{len(records)} preference records")
+                      + ", Bradley-Terry reward model")  # fmt: skip
+        metrics = build_task_models(cfg.task, models, seed=cfg.seed, progress=progress, lm=cfg.lm, records=records)
+        console.print(json.dumps({k: v for k, v in metrics.items() if k != "budget"}, indent=1))
+    built = json.loads((models / "build.json").read_text())
+    return built.get("lm", str(models / "lm")), models / "rm"
 
 
 def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, console: Console | None = None) -> dict[str, Any]:
@@ -145,8 +107,7 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
     write_json_atomic(run_dir / "rlhf_config.json", asdict(cfg))
     torch.manual_seed(cfg.seed)
 
-    lm_path = _stage_lm(cfg, task, run_dir, progress, console)
-    rm_path = _stage_rm(cfg, task, lm_path, run_dir, progress, console)
+    lm_path, rm_path = _stages_1_2(cfg, run_dir, progress, console)
 
     # ---- stage 3: PPO against the RM, with the KL penalty to the frozen pretrained LM.
     console.print("[bold]Stage 3[/bold]: PPO")

@@ -18,25 +18,23 @@ the phases in plain sight:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from agents.rollout import Rollout, collect_rollout, generated_positions, iteration_stats, taken_logprobs
 from agents.value_head import PolicyWithValueHead
 from textenv.policy_link import PolicyLink
-from textenv.sampling import SamplingConfig, entropy, sample_tokens
+from textenv.sampling import SamplingConfig
 from textenv.vector_env import TextGenerationVectorEnv
 
-# ============================================================================================ math
-LOGPROB_FLOOR = -50.0
-"""Log-probs below this are clamped in the update (tokens outside a top-k / top-p set)."""
 
+# ============================================================================================ math
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over entries where ``mask`` is true."""
     mask = mask.to(x.dtype)
@@ -176,25 +174,6 @@ class PPOConfig:
         return SamplingConfig(self.temperature, self.top_k, self.top_p)
 
 
-@dataclass
-class Rollout:
-    """One batch of B finished episodes, on the policy's device. Token tensors are ``(B, T)``."""
-
-    input_ids: torch.Tensor  # (B, L) prompt (left-padded into P slots) + generated tokens
-    attention_mask: torch.Tensor  # (B, L)
-    prompt_slots: int  # P
-    actions: torch.Tensor
-    logprobs: torch.Tensor
-    values: torch.Tensor
-    rewards: torch.Tensor
-    mask: torch.Tensor
-    scores: np.ndarray  # (B,) reward-function scores
-    kl: np.ndarray  # (B,) per-episode KL
-    prompts: list[str] = field(default_factory=list)
-    completions: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-
 # ============================================================================================ agent
 class PPOAgent:
     """Token-level PPO on a causal LM acting in a `TextGenerationVectorEnv`.
@@ -243,71 +222,25 @@ class PPOAgent:
         return nullcontext()
 
     # ------------------------------------------------------------------------------ 1. rollout
-    @torch.no_grad()
     def rollout(self) -> Rollout:
-        """Run B episodes to the end with the current policy."""
-        start = time.perf_counter()
-        env, T = self.env, self.env.engine.max_new_tokens
+        """Run B episodes to the end with the current policy, reading values from the shared trunk."""
         self.policy.eval()
-        env.reset()
-        B = env.num_envs
-        store = {k: torch.zeros(B, T, device=self.device) for k in ("logprobs", "values", "rewards", "mask")}
-        actions = torch.zeros(B, T, dtype=torch.long, device=self.device)
-        scores, episode_kl = np.zeros(B), np.zeros(B)
-        for t in range(T):
-            active = torch.as_tensor(~env.done, device=self.device)
-            with self._autocast():
-                out = self.link.outputs()
-                logprobs = self.link.logprobs()
-            tokens = sample_tokens(logprobs, self.generator)
-            store["logprobs"][:, t] = logprobs.gather(-1, tokens.view(-1, 1)).squeeze(-1)
-            store["values"][:, t] = self.policy.value(out.hidden)
-            actions[:, t] = tokens
-            _, rewards, terminated, _, info = env.step(tokens)
-            store["rewards"][:, t] = torch.as_tensor(rewards, device=self.device, dtype=torch.float32)
-            store["mask"][:, t] = active.float()
-            if terminated.any():
-                scores[terminated] = info["score"][terminated]
-                episode_kl[terminated] = info["episode_kl"][terminated]
-            if env.done.all():
-                break
-        mask = store["mask"]
-        lengths = mask.sum(1).long()
+        batch = collect_rollout(self.env, self.link, self.generator, self.policy.value, autocast=self._autocast)
         if self.config.missing_eos_penalty is not None:
-            last = actions.gather(1, (lengths - 1).clamp(min=0).view(-1, 1)).squeeze(1)
-            no_eos = last != env.engine.eos_id
-            store["rewards"][torch.arange(B, device=self.device)[no_eos], lengths[no_eos] - 1] -= self.config.missing_eos_penalty
-        engine = env.engine
-        return Rollout(
-            input_ids=engine.ids.clone().to(self.device),
-            attention_mask=engine.mask.clone().to(self.device),
-            prompt_slots=engine.max_prompt_tokens,
-            actions=actions,
-            logprobs=store["logprobs"],
-            values=store["values"] * mask,
-            rewards=store["rewards"] * mask,
-            mask=mask,
-            scores=scores,
-            kl=episode_kl,
-            prompts=[p.text for p in engine.prompts],  # type: ignore[union-attr]
-            completions=[engine.completion_text(r) for r in range(B)],
-            seconds=time.perf_counter() - start,
-        )
+            lengths = batch.mask.sum(1).long()
+            last = batch.actions.gather(1, (lengths - 1).clamp(min=0).view(-1, 1)).squeeze(1)
+            rows = torch.nonzero(last != self.env.engine.eos_id).squeeze(-1)
+            batch.rewards[rows, lengths[rows] - 1] -= self.config.missing_eos_penalty
+        return batch
 
     # ------------------------------------------------------------------------------ 2-3. update
     def _token_outputs(self, batch: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Log-probs of the taken actions, values and entropy at every generated position of ``rows``."""
         P, T = batch.prompt_slots, batch.actions.shape[1]
-        ids, attn = batch.input_ids[rows, : P + T], batch.attention_mask[rows, : P + T]
         with self._autocast():
-            logits, values = self.policy(ids, attn)
-        logits = logits[:, P - 1 : P + T - 1].float()  # position i predicts token i + 1
-        logprobs_all = self.config.sampling.logprobs(logits)
-        logprobs = logprobs_all.gather(-1, batch.actions[rows].unsqueeze(-1)).squeeze(-1)
-        # With top-k / top-p a token can leave the truncated set as the policy moves (log-prob -inf); a
-        # finite floor keeps the ratio ~0 there and the statistics finite (padding positions too).
-        logprobs = logprobs.clamp(min=LOGPROB_FLOOR)
-        return logprobs, values[:, P - 1 : P + T - 1], entropy(logprobs_all)
+            logits, values = self.policy(*generated_positions(batch, rows))
+        logprobs, token_entropy = taken_logprobs(logits, batch, rows, self.config.sampling)
+        return logprobs, values[:, P - 1 : P + T - 1], token_entropy
 
     def update(self, batch: Rollout) -> dict[str, float]:
         """Advantages, then clipped PPO epochs over minibatches; returns the update statistics."""
@@ -384,23 +317,8 @@ class PPOAgent:
         kl_coef = float(self.env.kl_controller.value)
         update_start = time.perf_counter()
         stats = self.update(batch)
-        update_seconds = time.perf_counter() - update_start
         self.iteration += 1
-        tokens = float(batch.mask.sum())
-        stats.update(
-            iteration=self.iteration,
-            score=float(batch.scores.mean()),
-            kl=float(batch.kl.mean()),
-            kl_coef=kl_coef,
-            response_length=tokens / len(batch.scores),
-            rollout_tokens_per_s=tokens / max(batch.seconds, 1e-9),
-            tokens_per_s=tokens / max(batch.seconds + update_seconds, 1e-9),
-            seconds=batch.seconds + update_seconds,
-        )
-        if self.gold_reward is not None:
-            stats["gold"] = float(np.mean(self.gold_reward(batch.prompts, batch.completions)))
-        stats = {k: (v if math.isfinite(v) else float("nan")) for k, v in stats.items()}
-        return stats
+        return {**stats, **iteration_stats(batch, time.perf_counter() - update_start, kl_coef, self.iteration, self.gold_reward)}
 
     def config_dict(self) -> dict:
         return asdict(self.config)

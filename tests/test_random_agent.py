@@ -10,15 +10,6 @@ from agents.random_agent import RandomAgent, evaluate
 from textenv.toy import make_toy_env
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and several threads crawl on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_evaluate_reports_means_and_is_deterministic():
     env = make_toy_env(max_new_tokens=4)
     a = evaluate(env, 30, seed=3)

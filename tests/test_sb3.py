@@ -20,15 +20,6 @@ from textenv.toy import make_toy_env
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and several threads crawl on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def vec_toy(n_envs: int = 4, seed: int = 0, **kwargs):
     kwargs = {"max_new_tokens": 3, "kl_coef": 0.05, **kwargs}
     return make_vec_env(lambda: make_toy_env(**kwargs), n_envs=n_envs, seed=seed)

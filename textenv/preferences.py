@@ -346,8 +346,8 @@ class SimulatedAnnotators:
         self,
         task: Task,
         n_annotators: int = 5,
-        temperature: float = 0.15,
-        disagreement: float = 0.1,
+        temperature: float = 0.3,
+        disagreement: float = 0.15,
         tie_margin: float = 0.0,
         seed: int = 0,
     ) -> None:

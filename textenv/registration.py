@@ -46,4 +46,4 @@ def register_envs() -> list[str]:
 ENV_IDS = register_envs()
 
 # Ids whose env needs trained artefacts (an LM and an RM built on first use); tests build them once.
-TRAINED_IDS: list[str] = []
+TRAINED_IDS: list[str] = ["textenv/Sentiment-v0", "textenv/Arithmetic-v0"]

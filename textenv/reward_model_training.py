@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from textenv.models import ModelLoadError, build_tiny_reward_model, tiny_gpt2_config
-from textenv.preferences import PreferencePair, PreferenceRecord, expand_to_pairs
+from textenv.preferences import PreferenceRecord, expand_to_pairs, ranking_pairs
 from textenv.tasks.base import Task
 
 METRICS_FILE = "textenv_reward_model.json"
@@ -173,8 +173,8 @@ def train_reward_model(
     config_overrides: dict[str, Any] | None = None,
     heldout_fraction: float = 0.2,
     steps: int = 600,
-    batch_size: int = 64,
-    lr: float = 1e-3,
+    batch_size: int = 16,
+    lr: float = 2e-3,
     seed: int = 0,
     normalize_texts: Sequence[str] | None = None,
     out_dir: str | Path | None = None,
@@ -189,7 +189,7 @@ def train_reward_model(
     :param init_from: an LM folder (its trunk, with a new score head), a model, or None (a new tiny GPT-2).
     :param config_overrides: `tiny_gpt2_config` arguments when starting from scratch.
     :param heldout_fraction: fraction of prompts whose pairs are held out for the accuracy report.
-    :param steps: optimiser steps of ``batch_size`` pairs each.
+    :param steps: optimiser steps of ``batch_size`` records each (all pairs of a record in one step).
     :param lr: AdamW learning rate (linear decay to 10%).
     :param seed: seeds the score head, batch order and split.
     :param normalize_texts: full texts sampled from the reference LM for the mean/std; default: all
@@ -210,13 +210,15 @@ def train_reward_model(
         model.config, "max_position_embeddings", 1024
     )
 
+    # Every record becomes (text ids of its K completions, its (better, worse) pairs); a batch is a set of
+    # records, so each completion is scored once however many pairs it is in (InstructGPT's trick).
     texts: dict[str, int] = {}
-
-    def index(pair: PreferencePair) -> tuple[int, int]:
-        a, b = join(pair.prompt, pair.chosen), join(pair.prompt, pair.rejected)
-        return texts.setdefault(a, len(texts)), texts.setdefault(b, len(texts))
-
-    pair_idx = np.array([index(p) for p in train_pairs])
+    groups: list[tuple[list[int], list[tuple[int, int]]]] = []
+    for r in train_records:
+        if r.skip or r.tie:
+            continue
+        ids = [texts.setdefault(join(r.prompt, c), len(texts)) for c in r.completions]
+        groups.append((ids, ranking_pairs(r.ranking, len(ids))))
     seqs = _encode(tokenizer, list(texts), max_length)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.9 * s / max(1, steps))
@@ -225,12 +227,15 @@ def train_reward_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for _ in tqdm(range(steps), desc="train RM", disable=not progress, leave=False):
-            batch = pair_idx[rng.integers(0, len(pair_idx), size=batch_size)]
-            unique, inverse = np.unique(batch.reshape(-1), return_inverse=True)
-            scores = _scores(model, [seqs[i] for i in unique], pad_id)[
-                torch.from_numpy(inverse.reshape(-1, 2))
-            ]
-            loss = -torch.nn.functional.logsigmoid(scores[:, 0] - scores[:, 1]).mean()
+            picked = [groups[i] for i in rng.integers(0, len(groups), size=batch_size)]
+            flat = [t for ids, _ in picked for t in ids]
+            scores = _scores(model, [seqs[t] for t in flat], pad_id)
+            better, worse, offset = [], [], 0
+            for ids, pairs in picked:
+                better += [offset + i for i, _ in pairs]
+                worse += [offset + j for _, j in pairs]
+                offset += len(ids)
+            loss = -torch.nn.functional.logsigmoid(scores[better] - scores[worse]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

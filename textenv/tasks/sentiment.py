@@ -180,8 +180,9 @@ class SentimentTask(Task):
     max_prompt_tokens = 8
     max_new_tokens = 24
 
-    #: probability that a clause is positive, for positive / negative / mixed reviews
-    review_kinds: tuple[float, ...] = (0.9, 0.1, 0.5)
+    #: (probability of the kind of review, probability that one of its clauses is positive) for positive,
+    #: negative and mixed reviews: most reviews are one-sided, as real ones are
+    review_kinds: tuple[tuple[float, float], ...] = ((0.4, 0.95), (0.4, 0.05), (0.2, 0.5))
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         return _tokenizer()
@@ -238,7 +239,8 @@ class SentimentTask(Task):
         return opener + words + ["."]
 
     def _review(self, rng: np.random.Generator) -> list[list[str]]:
-        p_positive = self.review_kinds[int(rng.integers(len(self.review_kinds)))]
+        kind = rng.choice(len(self.review_kinds), p=[k[0] for k in self.review_kinds])
+        p_positive = self.review_kinds[kind][1]
         used: set[str] = set()
         sentences = [self._sentence(rng, p_positive, used) for _ in range(int(rng.integers(2, 4)))]
         if rng.random() < 0.3:

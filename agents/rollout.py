@@ -1,0 +1,146 @@
+"""Collecting a batch of finished episodes, shared by PPO and the policy-gradient baselines.
+
+Every agent in `agents/` gathers experience the same way: reset the vector env (autoreset disabled), then
+per step read the policy's sampling distribution from the env-bound `PolicyLink` (one cached forward per
+token, shared with the env's KL term), sample, and step the env, whose rewards already hold
+``-β·KL_t`` plus the score at the end. In the update, every agent needs the log-probs of the taken tokens
+under the current policy from one full-sequence forward. Both live here so the algorithms differ only in
+their advantages and losses.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from textenv.policy_link import PolicyLink
+from textenv.sampling import SamplingConfig, entropy, sample_tokens
+from textenv.vector_env import TextGenerationVectorEnv
+
+LOGPROB_FLOOR = -50.0
+"""Log-probs below this are clamped in updates (a token outside the current top-k / top-p set)."""
+
+
+@dataclass
+class Rollout:
+    """One batch of B finished episodes, on the policy's device. Token tensors are ``(B, T)``."""
+
+    input_ids: torch.Tensor  # (B, L) prompt (left-padded into P slots) + generated tokens
+    attention_mask: torch.Tensor  # (B, L)
+    prompt_slots: int  # P
+    actions: torch.Tensor
+    logprobs: torch.Tensor  # log-probs of the sampling distribution at rollout time
+    values: torch.Tensor  # value estimates (zeros for agents without a critic)
+    rewards: torch.Tensor  # the env's rewards: -β·KL_t (+ score at the last token)
+    mask: torch.Tensor  # 1 where the token was generated
+    scores: np.ndarray  # (B,) reward-function scores
+    kl: np.ndarray  # (B,) per-episode KL
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@torch.no_grad()
+def collect_rollout(
+    env: TextGenerationVectorEnv,
+    link: PolicyLink,
+    generator: torch.Generator,
+    value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prompts: Sequence[str] | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> Rollout:
+    """Run B episodes to the end, sampling from ``link`` with ``generator``.
+
+    :param value_fn: maps the policy's last hidden state ``(B, H)`` to values ``(B,)`` (PPO's critic).
+    :param prompts: explicit prompts for the B rows (default: the env samples them).
+    """
+    start = time.perf_counter()
+    T, B = env.engine.max_new_tokens, env.num_envs
+    env.reset(options=None if prompts is None else {"prompts": list(prompts)})
+    device = link.model.device if link.model is not None else env.engine.device
+    logprobs, values, rewards, mask = (torch.zeros(B, T, device=device) for _ in range(4))
+    actions = torch.zeros(B, T, dtype=torch.long, device=device)
+    scores, episode_kl = np.zeros(B), np.zeros(B)
+    for t in range(T):
+        mask[:, t] = torch.as_tensor(~env.done, device=device).float()
+        with autocast():
+            distribution = link.logprobs()
+            if value_fn is not None:
+                values[:, t] = value_fn(link.outputs().hidden)
+        tokens = sample_tokens(distribution, generator)
+        logprobs[:, t] = distribution.gather(-1, tokens.view(-1, 1)).squeeze(-1)
+        actions[:, t] = tokens
+        _, step_rewards, terminated, _, info = env.step(tokens)
+        rewards[:, t] = torch.as_tensor(step_rewards, device=device, dtype=torch.float32)
+        if terminated.any():
+            scores[terminated] = info["score"][terminated]
+            episode_kl[terminated] = info["episode_kl"][terminated]
+        if env.done.all():
+            break
+    engine = env.engine
+    return Rollout(
+        input_ids=engine.ids.clone().to(device),
+        attention_mask=engine.mask.clone().to(device),
+        prompt_slots=engine.max_prompt_tokens,
+        actions=actions,
+        logprobs=logprobs * mask,
+        values=values * mask,
+        rewards=rewards * mask,
+        mask=mask,
+        scores=scores,
+        kl=episode_kl,
+        prompts=[p.text for p in engine.prompts],  # type: ignore[union-attr]
+        completions=[engine.completion_text(r) for r in range(B)],
+        seconds=time.perf_counter() - start,
+    )
+
+
+def generated_positions(batch: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(input_ids, attention_mask)`` of ``rows`` up to the last generated slot (one forward's input)."""
+    end = batch.prompt_slots + batch.actions.shape[1]
+    return batch.input_ids[rows, :end], batch.attention_mask[rows, :end]
+
+
+def taken_logprobs(
+    logits: torch.Tensor, batch: Rollout, rows: torch.Tensor, sampling: SamplingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the taken tokens and the entropy at each generated position, from full-sequence logits.
+
+    :param logits: ``(b, P + T, V)`` of a forward over `generated_positions` (position i predicts i + 1).
+    """
+    P, T = batch.prompt_slots, batch.actions.shape[1]
+    logprobs_all = sampling.logprobs(logits[:, P - 1 : P + T - 1].float())
+    logprobs = logprobs_all.gather(-1, batch.actions[rows].unsqueeze(-1)).squeeze(-1)
+    # With top-k / top-p a token can leave the truncated set as the policy moves (log-prob -inf); a
+    # finite floor keeps the ratio ~0 there and the statistics finite (padding positions too).
+    return logprobs.clamp(min=LOGPROB_FLOOR), entropy(logprobs_all)
+
+
+def iteration_stats(
+    batch: Rollout,
+    update_seconds: float,
+    kl_coef: float,
+    iteration: int,
+    gold_reward: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None,
+) -> dict[str, float]:
+    """The statistics every agent reports per iteration (score, gold, KL, β, lengths, throughput)."""
+    tokens = float(batch.mask.sum())
+    stats = {
+        "iteration": iteration,
+        "score": float(batch.scores.mean()),
+        "kl": float(batch.kl.mean()),
+        "kl_coef": kl_coef,
+        "response_length": tokens / len(batch.scores),
+        "rollout_tokens_per_s": tokens / max(batch.seconds, 1e-9),
+        "tokens_per_s": tokens / max(batch.seconds + update_seconds, 1e-9),
+        "seconds": batch.seconds + update_seconds,
+    }
+    if gold_reward is not None:
+        stats["gold"] = float(np.mean(gold_reward(batch.prompts, batch.completions)))
+    return {k: (v if math.isfinite(v) else float("nan")) for k, v in stats.items()}

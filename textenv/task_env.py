@@ -1,0 +1,59 @@
+"""Envs for the built-in tasks: the task's pretrained LM as reference, its learned RM (or gold) as reward.
+
+The models come from `textenv.tasks.artifacts.task_models`, which builds them offline on first use and
+caches them under ``$TEXTENV_HOME``. The registered ids (``textenv/Sentiment-v0``, …) call these factories.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textenv.env import TextGenerationEnv
+from textenv.models import load_causal_lm, load_reward_model, load_tokenizer
+from textenv.rewards import CallableReward, RewardFunction, RewardModelScorer
+from textenv.tasks import get_task
+from textenv.vector_env import TextGenerationVectorEnv
+
+REWARD_SOURCES = ("rm", "gold")
+
+
+def task_reward(task_name: str, reward: str = "rm", home: str | None = None) -> RewardFunction:
+    """The task's learned reward model (``"rm"``) or its hidden gold reward (``"gold"``, an oracle)."""
+    from textenv.tasks.artifacts import task_models
+
+    if reward not in REWARD_SOURCES:
+        raise ValueError(f"reward must be one of {REWARD_SOURCES}, got {reward!r}")
+    task = get_task(task_name)
+    if reward == "gold":
+        return CallableReward(task.gold_reward, name=f"{task_name}_gold")
+    _, rm_dir = task_models(task_name, home)
+    return RewardModelScorer(load_reward_model(rm_dir), load_tokenizer(rm_dir), join=task.join)
+
+
+def make_task_env(
+    task_name: str, num_envs: int | None = None, reward: str = "rm", home: str | None = None, **kwargs: Any
+) -> TextGenerationEnv | TextGenerationVectorEnv:
+    """A single env (``num_envs=None``) or vector env for a built-in task.
+
+    :param task_name: a name in ``textenv.tasks.TASKS``.
+    :param reward: ``"rm"`` (the learned reward model, the RLHF setting) or ``"gold"`` (the true reward).
+    :param home: artefact cache folder (default ``$TEXTENV_HOME`` or ``~/.cache/textenv``).
+    :param kwargs: any `TextGenerationEnv` argument (``kl_coef``, ``max_new_tokens``, ``render_mode``, …).
+    """
+    from textenv.tasks.artifacts import task_models
+
+    task = get_task(task_name)
+    lm_dir, _ = task_models(task_name, home)
+    params: dict[str, Any] = dict(
+        model=load_causal_lm(lm_dir),
+        tokenizer=load_tokenizer(lm_dir),
+        reward_fn=task_reward(task_name, reward, home),
+        prompts=task.prompts,
+        max_prompt_tokens=task.max_prompt_tokens,
+        max_new_tokens=task.max_new_tokens,
+        join=task.join,
+    )
+    params.update(kwargs)
+    if num_envs is None:
+        return TextGenerationEnv(**params)
+    return TextGenerationVectorEnv(num_envs=num_envs, **params)
