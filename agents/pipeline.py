@@ -73,6 +73,28 @@ class RLHFConfig:
     """PPO checkpoint interval (iterations)."""
     kl_bound: float = 15.0
     """The stated bound on the final mean per-sequence KL, checked in the summary."""
+    stage_budget: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the task's stage 1-2 budget (`TaskBudget` fields; ``pretrain`` takes a dict of
+    `PretrainBudget` fields), e.g. ``{"n_prompts": 200, "rm_steps": 50, "pretrain": {"steps": 100}}``."""
+
+
+def stage_budget(cfg: RLHFConfig):
+    """The task's default stage 1-2 budget with ``cfg.stage_budget`` applied (None: the default)."""
+    import dataclasses
+
+    from textenv.tasks.artifacts import DEFAULT_TASK_BUDGETS, TaskBudget
+
+    if not cfg.stage_budget:
+        return None
+    base = DEFAULT_TASK_BUDGETS.get(cfg.task, TaskBudget())
+    overrides = dict(cfg.stage_budget)
+    try:
+        if "pretrain" in overrides:
+            overrides["pretrain"] = dataclasses.replace(base.pretrain, **overrides["pretrain"])
+        return dataclasses.replace(base, **overrides)
+    except TypeError as exc:
+        valid = [f.name for f in dataclasses.fields(TaskBudget)]
+        raise ValueError(f"invalid stage_budget {cfg.stage_budget}: {exc}; TaskBudget fields are {valid}") from exc
 
 
 def _stages_1_2(cfg: RLHFConfig, run_dir: Path, progress: bool, console: Console) -> tuple[Path | str, Path | str]:
@@ -90,7 +112,9 @@ def _stages_1_2(cfg: RLHFConfig, run_dir: Path, progress: bool, console: Console
         console.print("[bold]Stages 1-2[/bold]: " + ("pretrained LM" if cfg.lm is None else f"LM {cfg.lm}") + ", "
                       + ("simulated preferences" if records is None else f"{len(records)} preference records")
                       + ", Bradley-Terry reward model")  # fmt: skip
-        metrics = build_task_models(cfg.task, models, seed=cfg.seed, progress=progress, lm=cfg.lm, records=records)
+        metrics = build_task_models(
+            cfg.task, models, stage_budget(cfg), seed=cfg.seed, progress=progress, lm=cfg.lm, records=records
+        )
         console.print(json.dumps({k: v for k, v in metrics.items() if k != "budget"}, indent=1))
     built = json.loads((models / "build.json").read_text())
     return built.get("lm", str(models / "lm")), models / "rm"

@@ -61,6 +61,12 @@ def test_ppo_refuses_bad_setups():
         PPOAgent(policy, env, PPOConfig(minibatch_size=8, micro_batch_size=8))
     with pytest.raises(ValueError, match="ptx_batches"):
         PPOAgent(policy, env, PPOConfig(minibatch_size=4, micro_batch_size=4, ptx_coef=1.0))
+    # A policy whose vocabulary differs from the reference's: refused when the agent binds it, before any work.
+    from textenv.models import build_tiny_causal_lm, tiny_gpt2_config
+
+    stranger = PolicyWithValueHead(build_tiny_causal_lm(tiny_gpt2_config(17, n_positions=64, n_embd=32, n_layer=1, n_head=2)))
+    with pytest.raises(ValueError, match="disagree on the action space"):
+        PPOAgent(stranger, env, PPOConfig(minibatch_size=4, micro_batch_size=4))
 
 
 def test_lora_trains_only_adapters_and_value_head():

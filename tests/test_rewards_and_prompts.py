@@ -91,3 +91,21 @@ def test_prompt_sources(tmp_path, tokenizer):
     source = PromptSource(["a", "the movie", "this film"], tokenizer, 8)
     draw = lambda seed: [p.text for p in source.sample(np.random.default_rng(seed), 5)]  # noqa: E731
     assert draw(3) == draw(3)
+
+
+def test_reward_model_with_its_own_tokenizer_rescores_the_text():
+    """An RM with a different vocabulary (here character-level) re-tokenises the completion text itself."""
+    from textenv.toy import make_toy_env
+
+    chars = build_word_tokenizer(list("abcdefghijklmnopqrstuvwxyz .,"), split="chars")
+    rm = build_tiny_reward_model(tiny_gpt2_config(len(chars), n_positions=128, n_embd=32, n_layer=1, n_head=2), seed=3)
+    scorer = RewardModelScorer(rm, chars, normalize=False)
+    env = make_toy_env(reward_fn=scorer, max_new_tokens=3)
+    env.reset(seed=0)
+    done = False
+    while not done:
+        _, _, done, _, info = env.step(5)
+    text = f"{info['prompt']} {info['text']}"
+    with torch.no_grad():
+        expected = rm(torch.tensor([chars(text)["input_ids"]])).logits[0, 0]
+    assert info["score"] == pytest.approx(float(expected), abs=1e-5)

@@ -1,0 +1,43 @@
+"""The main job, end to end on a tiny budget: run folder, summary, resume, and bad configurations."""
+
+import json
+
+import pytest
+
+from agents.pipeline import RLHFConfig, run_rlhf
+
+TINY = dict(
+    iterations=2, num_envs=8, eval_prompts=16, checkpoint_every=1,
+    stage_budget={"n_prompts": 60, "k": 2, "rm_steps": 20, "pretrain": {"n_docs": 400, "n_heldout": 50, "steps": 30}},
+    ppo={"minibatch_size": 4, "micro_batch_size": 4, "ppo_epochs": 1},
+)  # fmt: skip
+
+
+def test_main_job_tiny_budget_and_resume(tmp_path):
+    cfg = RLHFConfig(run_dir=str(tmp_path / "run"), **TINY)
+    summary = run_rlhf(cfg, progress=False)
+    root = tmp_path / "run"
+    for name in ("summary.json", "rlhf_config.json", "models/lm/config.json", "models/rm/config.json",
+                 "models/preferences.jsonl", "models/build.json", "ppo/metrics.jsonl", "ppo/policy/config.json",
+                 "ppo/eval_before.json", "ppo/eval_after.json", "ppo/plots/gold.png"):  # fmt: skip
+        assert (root / name).is_file(), name
+    saved = json.loads((root / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    for key in ("gold", "score", "kl", "perplexity", "distinct_1", "distinct_2"):
+        assert key in saved["before"] and key in saved["after"]
+    assert {"gold_improvement_in_std", "kl_within_bound", "gold_improved_by_1_std"} <= set(saved)
+    with pytest.raises(FileExistsError, match="resume"):
+        run_rlhf(cfg, progress=False)
+    # Resuming a finished run reuses every artefact and changes nothing.
+    metrics = (root / "ppo" / "metrics.jsonl").read_text()
+    run_rlhf(cfg, resume=True, progress=False)
+    assert (root / "ppo" / "metrics.jsonl").read_text() == metrics
+
+
+def test_bad_main_job_configs(tmp_path):
+    with pytest.raises(ValueError, match="Unknown task|unknown task|valid"):
+        run_rlhf(RLHFConfig(task="nope", run_dir=str(tmp_path / "a")), progress=False)
+    with pytest.raises(ValueError, match="TaskBudget fields"):
+        run_rlhf(RLHFConfig(run_dir=str(tmp_path / "b"), stage_budget={"n_prompt": 3}), progress=False)
+    with pytest.raises(ValueError, match="--rm needs --lm"):
+        run_rlhf(RLHFConfig(run_dir=str(tmp_path / "c"), rm="some/rm"), progress=False)
