@@ -55,7 +55,7 @@ class RLHFConfig:
     """Use this reward model (folder or hub name) instead of training one."""
     preferences: str | None = None
     """Train the RM on this preference JSONL instead of simulated labels."""
-    iterations: int = 40
+    iterations: int = 60
     """PPO iterations."""
     num_envs: int = 64
     """Episodes per PPO iteration (the batch)."""

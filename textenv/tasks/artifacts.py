@@ -7,6 +7,10 @@ two folders under ``$TEXTENV_HOME/<task>/{lm,rm}`` (default ``~/.cache/textenv``
 built in a temporary folder beside it and moved into place with one ``os.replace``, so a crash or a
 concurrent build never leaves a half-written model behind. ``build.json`` next to them records the
 measured numbers (perplexity, annotator agreement, RM accuracy, times).
+
+Tasks whose reward is programmatic (``Task.learned_reward`` is ``False``: keywords, reverse) have nothing to
+learn a reward model for, so their build is stage 1 only: ``task_models`` returns ``(lm_dir, None)`` and
+``build.json`` records the LM's measured gold reward on sampled completions.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from textenv.preferences import (
 )
 from textenv.pretraining import DEFAULT_BUDGETS, PretrainBudget, pretrain_task_lm
 from textenv.reward_model_training import train_reward_model
-from textenv.tasks import get_task
+from textenv.tasks import Task, get_task
 
 BUILD_FILE = "build.json"
 
@@ -59,9 +63,18 @@ class TaskBudget:
 
 
 DEFAULT_TASK_BUDGETS: dict[str, TaskBudget] = {
-    "sentiment": TaskBudget(pretrain=DEFAULT_BUDGETS["sentiment"], n_prompts=2000, k=4, rm_steps=800),
+    "sentiment": TaskBudget(pretrain=DEFAULT_BUDGETS["sentiment"], n_prompts=8000, k=4, rm_steps=1500),
     "arithmetic": TaskBudget(pretrain=DEFAULT_BUDGETS["arithmetic"], n_prompts=2000, k=4, rm_steps=600),
-}
+    # programmatic rewards: stage 1 only; n_prompts x k samples measure the LM's gold reward for build.json
+    "keywords": TaskBudget(
+        pretrain=PretrainBudget(n_docs=20000, steps=800, batch_size=64, config=dict(n_embd=64, n_layer=2, n_head=4, n_positions=32)),
+        n_prompts=500, k=1,
+    ),
+    "reverse": TaskBudget(
+        pretrain=PretrainBudget(n_docs=20000, steps=800, batch_size=64, config=dict(n_embd=64, n_layer=2, n_head=4, n_positions=16)),
+        n_prompts=500, k=1,
+    ),
+}  # fmt: skip
 
 
 def textenv_home(home: str | Path | None = None) -> Path:
@@ -71,8 +84,9 @@ def textenv_home(home: str | Path | None = None) -> Path:
     return Path(os.environ.get("TEXTENV_HOME") or Path.home() / ".cache" / "textenv").expanduser()
 
 
-def _complete(folder: Path) -> bool:
-    return all((folder / sub / "config.json").is_file() for sub in ("lm", "rm")) and (folder / BUILD_FILE).is_file()
+def _complete(folder: Path, task: Task) -> bool:
+    subs = ("lm", "rm") if task.learned_reward else ("lm",)
+    return all((folder / sub / "config.json").is_file() for sub in subs) and (folder / BUILD_FILE).is_file()
 
 
 def build_task_models(
@@ -86,15 +100,20 @@ def build_task_models(
 ) -> dict[str, Any]:
     """Run stage 1 and stage 2 for a task into ``out_dir/{lm,rm}`` (not atomic; see `task_models`).
 
-    Also writes ``out_dir/preferences.jsonl`` (the labels used) and ``out_dir/build.json``.
+    Also writes ``out_dir/preferences.jsonl`` (the labels used) and ``out_dir/build.json``. For a task with a
+    programmatic reward (``task.learned_reward`` is ``False``) only stage 1 runs: ``out_dir/lm`` and
+    ``build.json``, whose ``lm_mean_gold_reward`` is measured on ``n_prompts × k`` sampled completions.
 
     :param task_name: a name in ``textenv.tasks.TASKS``.
     :param budget: default ``DEFAULT_TASK_BUDGETS[task_name]``.
     :param lm: start from this LM (folder or hub name) instead of pretraining one (stage 1 skipped).
     :param records: train the RM on these preference records instead of simulated labels.
     :returns: the measured numbers (also in ``build.json``).
+    :raises ValueError: ``records`` given for a task without a learned reward.
     """
     task = get_task(task_name)
+    if records is not None and not task.learned_reward:
+        raise ValueError(f"task {task_name!r} has a programmatic reward; there is no reward model to train on records")
     budget = budget or DEFAULT_TASK_BUDGETS.get(task_name, TaskBudget())
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -105,6 +124,8 @@ def build_task_models(
         lm = out_dir / "lm"
     t_lm = time.perf_counter() - started
     model, tokenizer = load_causal_lm(lm), load_tokenizer(lm)
+    if not task.learned_reward:
+        return _write_lm_only_metrics(task, model, tokenizer, budget, seed, out_dir, str(lm), lm_metrics, started, t_lm, progress)
     if records is None:
         prompts = task.prompts(np.random.default_rng([seed, 5]), budget.n_prompts)
         completions = sample_completions(model, tokenizer, prompts, budget.k, task.max_new_tokens, seed=seed, progress=progress)
@@ -141,17 +162,44 @@ def build_task_models(
     return metrics
 
 
-def task_models(task_name: str, home: str | Path | None = None, progress: bool = False) -> tuple[Path, Path]:
+def _write_lm_only_metrics(
+    task: Task, model: Any, tokenizer: Any, budget: TaskBudget, seed: int, out_dir: Path, lm: str,
+    lm_metrics: dict[str, Any], started: float, t_lm: float, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """``build.json`` of a stage-1-only build: the LM's gold reward on sampled completions, and times."""
+    prompts = task.prompts(np.random.default_rng([seed, 5]), budget.n_prompts)
+    completions = sample_completions(model, tokenizer, prompts, budget.k, task.max_new_tokens, seed=seed, progress=progress)
+    gold = task.gold_reward([p for p in prompts for _ in range(budget.k)], [c for cs in completions for c in cs])
+    metrics = {
+        "task": task.name,
+        "seed": seed,
+        "lm": lm,
+        **lm_metrics,
+        "lm_mean_gold_reward": float(gold.mean()),
+        "lm_std_gold_reward": float(gold.std()),
+        "lm_fraction_max_gold_reward": float((gold >= 1.0).mean()),
+        "seconds_lm": t_lm,
+        "seconds_total": time.perf_counter() - started,
+        "budget": asdict(budget),
+    }
+    (out_dir / BUILD_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def task_models(task_name: str, home: str | Path | None = None, progress: bool = False) -> tuple[Path, Path | None]:
     """``(lm_dir, rm_dir)`` of a task's default LM and RM, building them on first use (atomically).
+
+    ``rm_dir`` is ``None`` for a task with a programmatic reward (``Task.learned_reward`` is ``False``): its
+    build is the LM only.
 
     :param task_name: a name in ``textenv.tasks.TASKS``.
     :param home: the cache folder (default ``$TEXTENV_HOME`` or ``~/.cache/textenv``).
     :param progress: show progress bars while building.
     """
-    get_task(task_name)  # unknown names fail before any work
+    task = get_task(task_name)  # unknown names fail before any work
     home = textenv_home(home)
     target = home / task_name
-    if not _complete(target):
+    if not _complete(target, task):
         if target.exists():
             raise RuntimeError(f"{target} exists but is not a complete textenv build; remove it to rebuild")
         home.mkdir(parents=True, exist_ok=True)
@@ -161,11 +209,11 @@ def task_models(task_name: str, home: str | Path | None = None, progress: bool =
             try:
                 os.replace(tmp, target)
             except OSError:
-                if not _complete(target):  # not another process winning the race: a real error
+                if not _complete(target, task):  # not another process winning the race: a real error
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return target / "lm", target / "rm"
+    return target / "lm", (target / "rm" if task.learned_reward else None)
 
 
 def task_build_metrics(task_name: str, home: str | Path | None = None) -> dict[str, Any]:
