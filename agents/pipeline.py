@@ -31,7 +31,7 @@ from agents.run import TrainingRun
 from agents.value_head import PolicyWithValueHead
 from textenv.kl import AdaptiveKLController
 from textenv.models import load_causal_lm, load_reward_model, load_tokenizer, same_vocabulary
-from textenv.rewards import RewardModelScorer
+from textenv.rewards import CallableReward, RewardFunction, RewardModelScorer
 from textenv.tasks import get_task
 from textenv.vector_env import TextGenerationVectorEnv
 
@@ -97,8 +97,11 @@ def stage_budget(cfg: RLHFConfig):
         raise ValueError(f"invalid stage_budget {cfg.stage_budget}: {exc}; TaskBudget fields are {valid}") from exc
 
 
-def _stages_1_2(cfg: RLHFConfig, run_dir: Path, progress: bool, console: Console) -> tuple[Path | str, Path | str]:
-    """The LM and RM paths: the user's, or built into ``run_dir/models`` (reused when already there)."""
+def _stages_1_2(cfg: RLHFConfig, run_dir: Path, progress: bool, console: Console) -> tuple[Path | str, Path | str | None]:
+    """The LM and RM paths: the user's, or built into ``run_dir/models`` (reused when already there).
+
+    Tasks with a programmatic reward (``Task.learned_reward`` false) have no stage 2: the RM path is None.
+    """
     if cfg.rm is not None:
         if cfg.lm is None:
             raise ValueError("--rm needs --lm too: the reward model must be paired with the LM it judges")
@@ -117,7 +120,8 @@ def _stages_1_2(cfg: RLHFConfig, run_dir: Path, progress: bool, console: Console
         )
         console.print(json.dumps({k: v for k, v in metrics.items() if k != "budget"}, indent=1))
     built = json.loads((models / "build.json").read_text())
-    return built.get("lm", str(models / "lm")), models / "rm"
+    rm_path = models / "rm" if (models / "rm" / "config.json").exists() else None
+    return built.get("lm", str(models / "lm")), rm_path
 
 
 def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, console: Console | None = None) -> dict[str, Any]:
@@ -136,10 +140,13 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
     # ---- stage 3: PPO against the RM, with the KL penalty to the frozen pretrained LM.
     console.print("[bold]Stage 3[/bold]: PPO")
     reference, tokenizer = load_causal_lm(lm_path), load_tokenizer(lm_path)
-    rm, rm_tokenizer = load_reward_model(rm_path), load_tokenizer(rm_path)
-    if not same_vocabulary(tokenizer, rm_tokenizer):
-        console.print("note: the reward model has its own tokenizer; completions are re-tokenised as text for it")
-    scorer = RewardModelScorer(rm, rm_tokenizer, join=task.join)
+    if rm_path is None:  # programmatic reward: train on the task's own (verifiable) reward
+        scorer: RewardFunction = CallableReward(task.gold_reward, name=f"{cfg.task}_reward")
+    else:
+        rm, rm_tokenizer = load_reward_model(rm_path), load_tokenizer(rm_path)
+        if not same_vocabulary(tokenizer, rm_tokenizer):
+            console.print("note: the reward model has its own tokenizer; completions are re-tokenised as text for it")
+        scorer = RewardModelScorer(rm, rm_tokenizer, join=task.join)
     ppo_config = PPOConfig(**{"total_iterations": cfg.iterations, "seed": cfg.seed, **cfg.ppo})
     env = TextGenerationVectorEnv(
         reference, scorer, task.prompts, num_envs=cfg.num_envs, tokenizer=tokenizer,

@@ -76,7 +76,8 @@ class TrainingRun:
 
     def _restore(self) -> int:
         path = latest_checkpoint(self.run_dir)
-        if path is None:
+        if path is None:  # killed before its first checkpoint: start over, dropping any metrics lines
+            self.metrics_path.unlink(missing_ok=True)
             return 0
         rng, state = load_checkpoint(path, self.agent.policy, self.agent.optimizer)
         self.agent.generator.set_state(rng["sampling"])

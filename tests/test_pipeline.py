@@ -41,3 +41,12 @@ def test_bad_main_job_configs(tmp_path):
         run_rlhf(RLHFConfig(run_dir=str(tmp_path / "b"), stage_budget={"n_prompt": 3}), progress=False)
     with pytest.raises(ValueError, match="--rm needs --lm"):
         run_rlhf(RLHFConfig(run_dir=str(tmp_path / "c"), rm="some/rm"), progress=False)
+
+
+def test_main_job_on_a_task_with_a_programmatic_reward(tmp_path):
+    """Reverse has a verifiable reward: no stage 2, PPO trains on the task's own reward."""
+    budget = {"pretrain": {"n_docs": 400, "n_heldout": 50, "steps": 30}}
+    cfg = RLHFConfig(task="reverse", run_dir=str(tmp_path / "rev"), **{**TINY, "stage_budget": budget})
+    summary = run_rlhf(cfg, progress=False)
+    assert not (tmp_path / "rev" / "models" / "rm").exists()
+    assert summary["before"]["score"] == summary["before"]["gold"]  # the reward is the gold reward itself

@@ -54,3 +54,11 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     killed.train(2, progress=False)  # "killed" after the checkpoint at iteration 2
     resumed = make_run(tmp_path / "killed").train(4, resume=True, progress=False)
     assert strip_timing(resumed) == strip_timing(full)
+
+
+def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
+    run = make_run(tmp_path / "early")
+    run.metrics_path.parent.mkdir(parents=True)
+    run.metrics_path.write_text('{"iteration": 1, "score": 0.0}\n')  # a line from a run killed before checkpointing
+    metrics = make_run(tmp_path / "early").train(2, resume=True, progress=False)
+    assert [m["iteration"] for m in metrics] == [1, 2]

@@ -63,6 +63,7 @@ def test_rule_rewards_and_weighted_sum():
     assert RegexReward(r"\bgood\b")(p, c).tolist() == [1.0, 0.0]
     total = KeywordReward(["good"]) + 0.5 * RepetitionPenalty()
     assert total(p, c).tolist() == [1.0, -0.375]
+    assert total.name == "1*keywords(good) + 0.5*repetition"  # sums flatten into one list of terms
     per_example = CallableReward(lambda prompt, completion: len(completion), per_example=True)
     assert per_example(p, c).tolist() == [14.0, 15.0]
 

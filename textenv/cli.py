@@ -269,17 +269,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from agents.evaluation import evaluate_policy
     from textenv.models import load_causal_lm, load_reward_model, load_tokenizer
     from textenv.rewards import RewardModelScorer
+    from textenv.task_env import default_reward_source, task_reward
     from textenv.tasks import get_task
     from textenv.tasks.artifacts import task_models
 
     task = get_task(args.task)
-    if args.reference is None or args.rm is None:
-        default_lm, default_rm = task_models(args.task, progress=True)
-    reference_path = args.reference or default_lm
-    rm_path = args.rm or default_rm
+    reference_path = args.reference or task_models(args.task, progress=True)[0]
     policy, tokenizer = load_causal_lm(args.policy), load_tokenizer(args.policy)
     reference = load_causal_lm(reference_path)
-    scorer = RewardModelScorer(load_reward_model(rm_path), load_tokenizer(rm_path), join=task.join)
+    if args.rm is not None:
+        scorer = RewardModelScorer(load_reward_model(args.rm), load_tokenizer(args.rm), join=task.join)
+    else:  # the task's default: its learned RM, or its programmatic reward
+        scorer = task_reward(args.task, default_reward_source(args.task))
     prompts = task.prompts(np.random.default_rng([args.seed, 99]), args.prompts)
     result = evaluate_policy(
         policy, reference, tokenizer, scorer, prompts, task.max_prompt_tokens, task.max_new_tokens,
@@ -291,9 +292,53 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ benchmark
+def add_benchmark(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "benchmark", help="run an algorithms × tasks × seeds grid (resumable) and write a results table and plots"
+    )
+    p.add_argument("--algos", default="ppo,rloo,grpo,sb3-ppo", help="comma-separated (ppo, reinforce, rloo, grpo, sb3-ppo)")
+    p.add_argument("--tasks", default="toy", help="comma-separated: toy and/or built-in tasks (sentiment, arithmetic)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0 … n-1)")
+    p.add_argument("--budget", type=int, default=20, help="iterations per run (one batch of --num-envs episodes each)")
+    p.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="grid folder (re-run to resume)")
+    p.add_argument("--num-envs", type=int, default=16, help="episodes per iteration")
+    p.add_argument("--lr", type=float, default=5e-4, help="learning rate of every algorithm")
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="K for RLOO / GRPO / REINFORCE")
+    p.add_argument("--kl-coef", type=float, default=0.05, help="fixed KL penalty β")
+    p.add_argument("--reward", choices=("auto", "rm", "gold"), default="auto",
+                   help="env reward of built-in tasks (auto: the learned RM for sentiment, gold otherwise)")  # fmt: skip
+    p.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts for each run's final evaluation")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.set_defaults(func=run_benchmark)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from agents.benchmark import BenchmarkSettings, check_names
+
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    check_names(algos, tasks)  # before any heavy import: a typo fails fast with the valid names
+
+    import torch
+
+    from agents.benchmark import run_grid
+
+    torch.set_num_threads(args.threads)
+    settings = BenchmarkSettings(
+        num_envs=args.num_envs, learning_rate=args.lr, samples_per_prompt=args.samples_per_prompt,
+        kl_coef=args.kl_coef, reward=args.reward, eval_prompts=args.eval_prompts,
+    )  # fmt: skip
+    run_grid(algos, tasks, args.seeds, args.budget, args.out, settings)
+    print((args.out / "results.md").read_text())
+    print(f"results.md, results.csv, curves_<task>.png and frontier.png in {args.out}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_pretrain, add_sample, add_preferences, add_label, add_train_rm, add_build, add_rlhf, add_evaluate,
+    add_benchmark,
 ]  # fmt: skip
 
 

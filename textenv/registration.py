@@ -4,10 +4,16 @@ Each id has a single-env ``entry_point`` and a ``vector_entry_point``, so both
 ``gym.make("textenv/Toy-v0")`` and ``gym.make_vec("textenv/Toy-v0", num_envs=8,
 vectorization_mode="vector_entry_point")`` work. Envs whose reward model may run on a GPU declare
 ``nondeterministic`` when CUDA is present: GPU kernels do not promise bit-identical results across runs.
+
+The task ids build their task's default models on first use (`textenv.tasks.artifacts.task_models`).
+Sentiment and Arithmetic reward with the learned RM (the RLHF setting); Keywords and Reverse, whose
+reward is programmatic, reward with it directly (``reward="gold"``). ``gym.make(id, reward="gold")``
+overrides the source on any task id.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import gymnasium as gym
@@ -30,6 +36,27 @@ def _toy_vector(num_envs: int = 8, **kwargs: Any):
     return make_toy_env(num_envs, **kwargs)
 
 
+def _task_single(task_name: str, default_reward: str, **kwargs: Any):
+    from textenv.task_env import make_task_env
+
+    return make_task_env(task_name, None, reward=kwargs.pop("reward", default_reward), **kwargs)
+
+
+def _task_vector(task_name: str, default_reward: str, num_envs: int = 8, **kwargs: Any):
+    from textenv.task_env import make_task_env
+
+    return make_task_env(task_name, num_envs, reward=kwargs.pop("reward", default_reward), **kwargs)
+
+
+#: env id -> (task name, default reward source)
+TASK_IDS: dict[str, tuple[str, str]] = {
+    "textenv/Sentiment-v0": ("sentiment", "rm"),
+    "textenv/Arithmetic-v0": ("arithmetic", "rm"),
+    "textenv/Keywords-v0": ("keywords", "gold"),
+    "textenv/Reverse-v0": ("reverse", "gold"),
+}
+
+
 def register_envs() -> list[str]:
     """Register every textenv id (idempotent); returns the ids."""
     specs = {
@@ -37,6 +64,12 @@ def register_envs() -> list[str]:
             entry_point=_toy_single, vector_entry_point=_toy_vector, nondeterministic=False
         ),
     }
+    for env_id, (task_name, reward) in TASK_IDS.items():
+        specs[env_id] = dict(
+            entry_point=partial(_task_single, task_name, reward),
+            vector_entry_point=partial(_task_vector, task_name, reward),
+            nondeterministic=_gpu_possible(),
+        )
     for env_id, spec in specs.items():
         if env_id not in gym.registry:
             gym.register(env_id, **spec)
@@ -46,4 +79,4 @@ def register_envs() -> list[str]:
 ENV_IDS = register_envs()
 
 # Ids whose env needs trained artefacts (an LM and an RM built on first use); tests build them once.
-TRAINED_IDS: list[str] = ["textenv/Sentiment-v0", "textenv/Arithmetic-v0"]
+TRAINED_IDS: list[str] = list(TASK_IDS)

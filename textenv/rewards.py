@@ -62,7 +62,7 @@ class RewardFunction(ABC):
         return scores
 
     def __add__(self, other: RewardFunction) -> WeightedSum:
-        return WeightedSum([(1.0, self), (1.0, other)])
+        return WeightedSum([(1.0, self)] + (other.terms if isinstance(other, WeightedSum) else [(1.0, other)]))
 
     def __rmul__(self, weight: float) -> WeightedSum:
         return WeightedSum([(float(weight), self)])

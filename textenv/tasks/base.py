@@ -22,11 +22,16 @@ class Task(ABC):
     :cvar name: short id used in env ids and folder names (``"sentiment"``).
     :cvar max_prompt_tokens: longest prompt the task produces, in tokens.
     :cvar max_new_tokens: default completion budget for the env.
+    :cvar learned_reward: whether the task's default env scores with a reward model learned from
+        (simulated) preferences. Tasks whose reward is programmatic (checkable by code, such as "are the
+        keywords there") set it to ``False``: their default artefacts are the pretrained LM only, and
+        their env ids reward with `gold_reward` directly.
     """
 
     name: str = "task"
     max_prompt_tokens: int = 16
     max_new_tokens: int = 16
+    learned_reward: bool = True
 
     @abstractmethod
     def tokenizer(self) -> PreTrainedTokenizerBase:
