@@ -19,7 +19,7 @@ from pathlib import Path
 def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="stage 1: train or fine-tune a causal LM on a task's corpus or your text")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--task", help="train on this task's generated corpus (sentiment, arithmetic)")
+    src.add_argument("--task", help="train on this task's generated corpus (sentiment, arithmetic, keywords, reverse)")
     src.add_argument("--corpus", type=Path, help="a text file (one document per line) or JSONL with a 'text' field")
     p.add_argument("--init", type=Path, help="an LM folder to fine-tune instead of a new tiny model")
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder for --corpus (default: the --init folder's, "
@@ -298,7 +298,7 @@ def add_benchmark(sub: argparse._SubParsersAction) -> None:
         "benchmark", help="run an algorithms × tasks × seeds grid (resumable) and write a results table and plots"
     )
     p.add_argument("--algos", default="ppo,rloo,grpo,sb3-ppo", help="comma-separated (ppo, reinforce, rloo, grpo, sb3-ppo)")
-    p.add_argument("--tasks", default="toy", help="comma-separated: toy and/or built-in tasks (sentiment, arithmetic)")
+    p.add_argument("--tasks", default="toy", help="comma-separated: toy and/or built-in tasks (sentiment, arithmetic, keywords, reverse)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0 … n-1)")
     p.add_argument("--budget", type=int, default=20, help="iterations per run (one batch of --num-envs episodes each)")
     p.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="grid folder (re-run to resume)")
