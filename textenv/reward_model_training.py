@@ -156,9 +156,16 @@ def _init_model(
 def _split_records(
     records: Sequence[PreferenceRecord], heldout_fraction: float, seed: int
 ) -> tuple[list, list]:
-    """Split by prompt, so held-out pairs never share a prompt with training pairs."""
+    """Split by prompt, so held-out pairs never share a prompt with training pairs.
+
+    With a single prompt (e.g. every record is an unconditional ``"review :"``) there is nothing to split
+    by, so whole records are split instead.
+    """
     prompts = sorted({r.prompt for r in records})
     rng = np.random.default_rng([seed, 3])
+    if len(prompts) < 2:
+        held_idx = set(rng.permutation(len(records))[: int(round(heldout_fraction * len(records)))].tolist())
+        return [r for i, r in enumerate(records) if i not in held_idx], [r for i, r in enumerate(records) if i in held_idx]
     held = set(rng.permutation(prompts)[: int(round(heldout_fraction * len(prompts)))].tolist())
     return [r for r in records if r.prompt not in held], [r for r in records if r.prompt in held]
 
