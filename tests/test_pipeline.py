@@ -32,6 +32,13 @@ def test_main_job_tiny_budget_and_resume(tmp_path):
     metrics = (root / "ppo" / "metrics.jsonl").read_text()
     run_rlhf(cfg, resume=True, progress=False)
     assert (root / "ppo" / "metrics.jsonl").read_text() == metrics
+    # Starting from a user's LM folder and preference file: no pretraining, no simulated labels.
+    lm, prefs = root / "models" / "lm", root / "models" / "preferences.jsonl"
+    own = RLHFConfig(run_dir=str(tmp_path / "own"), lm=str(lm), preferences=str(prefs), **TINY)
+    run_rlhf(own, progress=False)
+    build = json.loads((tmp_path / "own" / "models" / "build.json").read_text())
+    assert build["lm"] == str(lm) and not (tmp_path / "own" / "models" / "lm").exists()
+    assert (tmp_path / "own" / "models" / "preferences.jsonl").read_text() == prefs.read_text()
 
 
 def test_bad_main_job_configs(tmp_path):

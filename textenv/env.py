@@ -113,7 +113,39 @@ def observation_space(vocab_size: int, length: int) -> spaces.Dict:
     )
 
 
-class TextGenerationEnv(gym.Env):
+class EngineAccess:
+    """What both env classes expose of their `EpisodeBatch` (``self.engine``): models, β, the bound policy."""
+
+    engine: EpisodeBatch
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.engine.tokenizer
+
+    @property
+    def reference_model(self) -> PreTrainedModel:
+        return self.engine.ref_model
+
+    @property
+    def kl_controller(self) -> FixedKLController | AdaptiveKLController:
+        return self.engine.kl_controller
+
+    @property
+    def policy(self) -> PolicyLink | None:
+        return self.engine.policy
+
+    def bind_policy(self, policy: PolicyLink | PreTrainedModel | None) -> PolicyLink | None:
+        """Bind the acting policy so the KL term uses its log-probs (a bare LM is wrapped in a `PolicyLink`)."""
+        link = (
+            policy
+            if policy is None or isinstance(policy, PolicyLink)
+            else PolicyLink(policy, pad_token_id=self.engine.pad_id)
+        )
+        self.engine.bind_policy(link)
+        return link
+
+
+class TextGenerationEnv(EngineAccess, gym.Env):
     """Text generation as an MDP: each action appends one token; a reward model judges the finished text.
 
     ## Description
@@ -205,33 +237,6 @@ class TextGenerationEnv(gym.Env):
         self.observation_space = observation_space(self.engine.vocab_size, self.engine.length)
         if policy is not None:
             self.bind_policy(policy)
-
-    # ------------------------------------------------------------------------------------- properties
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        return self.engine.tokenizer
-
-    @property
-    def reference_model(self) -> PreTrainedModel:
-        return self.engine.ref_model
-
-    @property
-    def kl_controller(self) -> FixedKLController | AdaptiveKLController:
-        return self.engine.kl_controller
-
-    @property
-    def policy(self) -> PolicyLink | None:
-        return self.engine.policy
-
-    def bind_policy(self, policy: PolicyLink | PreTrainedModel | None) -> PolicyLink | None:
-        """Bind the acting policy so the KL term uses its log-probs (a bare LM is wrapped in a `PolicyLink`)."""
-        link = (
-            policy
-            if policy is None or isinstance(policy, PolicyLink)
-            else PolicyLink(policy, pad_token_id=self.engine.pad_id)
-        )
-        self.engine.bind_policy(link)
-        return link
 
     # ------------------------------------------------------------------------------------- API
     def _observation(self) -> dict[str, np.ndarray]:

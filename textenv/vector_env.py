@@ -21,7 +21,14 @@ from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.env import EpisodeEndedError, InvalidActionError, PromptsLike, build_engine, observation_space
+from textenv.env import (
+    EngineAccess,
+    EpisodeEndedError,
+    InvalidActionError,
+    PromptsLike,
+    build_engine,
+    observation_space,
+)
 from textenv.kl import AdaptiveKLController, FixedKLController
 from textenv.policy_link import PolicyLink
 from textenv.render import render_row
@@ -30,7 +37,7 @@ from textenv.rewards import RewardFunction, join_text
 AUTORESET_MODES = {mode.value: mode for mode in (AutoresetMode.NEXT_STEP, AutoresetMode.DISABLED)}
 
 
-class TextGenerationVectorEnv(gym.vector.VectorEnv):
+class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
     """B episodes of `TextGenerationEnv` in one batched engine.
 
     ## Description
@@ -111,35 +118,9 @@ class TextGenerationVectorEnv(gym.vector.VectorEnv):
 
     # ------------------------------------------------------------------------------------- properties
     @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        return self.engine.tokenizer
-
-    @property
-    def reference_model(self) -> PreTrainedModel:
-        return self.engine.ref_model
-
-    @property
-    def kl_controller(self) -> FixedKLController | AdaptiveKLController:
-        return self.engine.kl_controller
-
-    @property
-    def policy(self) -> PolicyLink | None:
-        return self.engine.policy
-
-    @property
     def done(self) -> np.ndarray:
         """Which rows have finished their episode (and await a reset)."""
         return self.engine.done.copy()
-
-    def bind_policy(self, policy: PolicyLink | PreTrainedModel | None) -> PolicyLink | None:
-        """Bind the acting policy (see `TextGenerationEnv.bind_policy`); it must decode all B rows."""
-        link = (
-            policy
-            if policy is None or isinstance(policy, PolicyLink)
-            else PolicyLink(policy, pad_token_id=self.engine.pad_id)
-        )
-        self.engine.bind_policy(link)
-        return link
 
     # ------------------------------------------------------------------------------------- API
     def _observations(self) -> dict[str, np.ndarray]:
