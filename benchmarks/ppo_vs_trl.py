@@ -1,0 +1,127 @@
+"""One PPO iteration, textenv vs TRL's PPOTrainer: episodes per second and peak GPU memory, same process.
+
+Both sides run the same policy / reference / reward-model shape (random weights), batch, prompt length,
+response length, 4 PPO epochs and the same number of minibatches. TRL needs a separate value model (a
+sequence classifier of the same shape), as its PPOTrainer always does; textenv reads the value from a head
+on the policy's trunk. TRL is an optional benchmark dependency: ``pip install -e ".[bench]"``.
+
+    python benchmarks/ppo_vs_trl.py --shape tiny --batch 16 --prompt 16 --new 32 --iterations 3      # CPU
+    python benchmarks/ppo_vs_trl.py --shape gpt2 --batch 64 --prompt 64 --new 128 --device cuda --bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from agents.ppo import PPOAgent, PPOConfig  # noqa: E402
+from agents.value_head import PolicyWithValueHead  # noqa: E402
+from benchmarks.common import SHAPES, build, random_prompts  # noqa: E402
+from textenv.kl import FixedKLController  # noqa: E402
+from textenv.models import build_tiny_reward_model  # noqa: E402
+from textenv.rewards import RewardModelScorer  # noqa: E402
+from textenv.vector_env import TextGenerationVectorEnv  # noqa: E402
+
+
+def peak_memory_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_textenv(models, prompts, args) -> tuple[float, float | None]:
+    env = TextGenerationVectorEnv(
+        models["reference"], RewardModelScorer(models["reward"], models["tokenizer"], batch_size=len(prompts)),
+        prompts, num_envs=len(prompts), tokenizer=models["tokenizer"], max_prompt_tokens=args.prompt,
+        max_new_tokens=args.new, kl_coef=FixedKLController(0.05), autoreset_mode="Disabled",
+    )  # fmt: skip
+    minibatch = args.batch // args.minibatches
+    agent = PPOAgent(
+        PolicyWithValueHead(copy.deepcopy(models["policy"])), env,
+        PPOConfig(ppo_epochs=4, minibatch_size=minibatch, micro_batch_size=minibatch, bf16=args.bf16,
+                  total_iterations=args.iterations),
+    )  # fmt: skip
+    reset_peak(args.device)
+    start = time.perf_counter()
+    for _ in range(args.iterations):
+        agent.iteration_step()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return args.batch * args.iterations / (time.perf_counter() - start), peak_memory_gib(args.device)
+
+
+def run_trl(models, prompts, args, config) -> tuple[float, float | None]:
+    from datasets import Dataset
+    from trl.experimental.ppo import PPOConfig as TRLConfig
+    from trl.experimental.ppo import PPOTrainer
+
+    tokenizer = models["tokenizer"]
+    dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts * args.iterations]})
+    value_model = build_tiny_reward_model(config, seed=3).to(device=args.device)
+    trl_args = TRLConfig(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+        num_mini_batches=args.minibatches, num_ppo_epochs=4, response_length=args.new,
+        total_episodes=args.batch * args.iterations, local_rollout_forward_batch_size=args.batch,
+        num_sample_generations=0, report_to="none", save_strategy="no", bf16=args.bf16, kl_coef=0.05,
+        temperature=1.0, stop_token=None, use_cpu=not args.device.startswith("cuda"), logging_steps=10**6,
+        seed=0, dataloader_num_workers=0, gradient_checkpointing=False,  # textenv does not checkpoint either
+    )  # fmt: skip
+    trainer = PPOTrainer(
+        args=trl_args, processing_class=tokenizer, model=copy.deepcopy(models["policy"]),
+        ref_model=copy.deepcopy(models["reference"]), reward_model=models["reward"], train_dataset=dataset,
+        value_model=value_model,
+    )  # fmt: skip
+    reset_peak(args.device)
+    start = time.perf_counter()
+    trainer.train()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return args.batch * args.iterations / (time.perf_counter() - start), peak_memory_gib(args.device)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float | None]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--minibatches", type=int, default=1, help="minibatches per PPO epoch (both sides)")
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch % args.minibatches:
+        parser.error("--minibatches must divide --batch")
+    torch.manual_seed(0)
+    models = build(args.shape, args.prompt + args.new, args.device, torch.float32)
+    config = models["policy"].config
+    prompts = random_prompts(models["tokenizer"], args.batch, args.prompt)
+    ours, ours_mem = run_textenv(models, prompts, args)
+    trl, trl_mem = run_trl(models, prompts, args, config)
+    print(f"shape={args.shape} batch={args.batch} minibatches={args.minibatches} prompt={args.prompt} new={args.new} "
+          f"epochs=4 iterations={args.iterations} device={args.device} bf16={args.bf16}")  # fmt: skip
+    print(f"TRL PPOTrainer : {trl:8.2f} episodes/s" + (f"  peak {trl_mem:.2f} GiB" if trl_mem is not None else ""))
+    print(f"textenv PPO    : {ours:8.2f} episodes/s" + (f"  peak {ours_mem:.2f} GiB" if ours_mem is not None else ""))
+    print(f"ratio textenv/TRL: {ours / trl:.2f}x episodes/s" + (f", {ours_mem / trl_mem:.2f}x memory" if trl_mem else ""))
+    return {"textenv": ours, "trl": trl, "ratio": ours / trl, "textenv_mem": ours_mem, "trl_mem": trl_mem}
+
+
+if __name__ == "__main__":
+    main()
