@@ -229,3 +229,21 @@ def pad_left(
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     """Positions that count only real tokens, so a left-padded row sees the same positions as unpadded."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def save_model_folder(out_dir: str | Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                      metrics_file: str, result: Any) -> Path:  # fmt: skip
+    """Save a trained model and its tokenizer with ``save_pretrained``, plus a JSON of the result's numbers.
+
+    :param result: a dataclass of measured numbers (its ``model`` and ``out_dir`` fields are left out).
+    """
+    import json
+    from dataclasses import asdict
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    metrics = {k: v for k, v in asdict(result).items() if k not in ("model", "out_dir")}
+    (out_dir / metrics_file).write_text(json.dumps(metrics, indent=2) + "\n")
+    return out_dir

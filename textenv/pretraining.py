@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.models import build_tiny_causal_lm, tiny_gpt2_config
+from textenv.models import build_tiny_causal_lm, save_model_folder, tiny_gpt2_config
 from textenv.tasks.base import Task
 
 METRICS_FILE = "textenv_pretrain.json"
@@ -234,13 +234,7 @@ def pretrain_lm(
         model=model,
     )
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        metrics = {k: v for k, v in asdict(result).items() if k not in ("model", "out_dir")}
-        (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-        result.out_dir = out_dir
+        result.out_dir = save_model_folder(out_dir, model, tokenizer, METRICS_FILE, result)
     return result
 
 

@@ -18,10 +18,9 @@ reward on the same pairs: noisy labels cap what any RM can reach, so that agreem
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.models import ModelLoadError, build_tiny_reward_model, tiny_gpt2_config
+from textenv.models import ModelLoadError, build_tiny_reward_model, save_model_folder, tiny_gpt2_config
 from textenv.preferences import PreferenceRecord, expand_to_pairs, ranking_pairs
 from textenv.tasks.base import Task
 
@@ -289,11 +288,5 @@ def train_reward_model(
         model=model,
     )
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        metrics = {k: v for k, v in asdict(result).items() if k not in ("model", "out_dir")}
-        (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-        result.out_dir = out_dir
+        result.out_dir = save_model_folder(out_dir, model, tokenizer, METRICS_FILE, result)
     return result
