@@ -53,6 +53,7 @@ from agents.value_head import PolicyWithValueHead
 from textenv.models import position_ids_from_mask
 from textenv.policy_link import PolicyLink
 from textenv.sampling import SamplingConfig
+from textenv.static_decoding import DECODINGS
 from textenv.vector_env import TextGenerationVectorEnv
 
 TOKEN_REDUCTIONS = ("sum", "mean")
@@ -131,6 +132,8 @@ class PolicyGradientConfig:
     """Nucleus sampling mass (1 = off)."""
     seed: int = 0
     """Seeds the prompt draws, the token sampling and the minibatch order."""
+    decoding: str = "dynamic"
+    """The policy's rollout decoding: ``dynamic``, ``static`` or ``compiled`` (see `textenv.static_decoding`)."""
 
     min_samples_per_prompt = 1  # class constant: RLOO and GRPO need a group of at least 2
 
@@ -145,6 +148,7 @@ class PolicyGradientConfig:
             "clip_range": (self.clip_range is None or self.clip_range > 0, "must be None or > 0"),
             "token_reduction": (self.token_reduction in TOKEN_REDUCTIONS, f"must be one of {TOKEN_REDUCTIONS}"),
             "max_grad_norm": (self.max_grad_norm > 0, "must be > 0"),
+            "decoding": (self.decoding in DECODINGS, f"must be one of {DECODINGS}"),
         }
 
     def __post_init__(self) -> None:
@@ -201,7 +205,7 @@ class SequencePolicyGradientAgent(ABC):
         self.env = env
         self.gold_reward = gold_reward
         self.device = next(self.policy.parameters()).device
-        self.link = PolicyLink(self.policy.lm, config.sampling, pad_token_id=env.engine.pad_id)
+        self.link = PolicyLink(self.policy.lm, config.sampling, pad_token_id=env.engine.pad_id, decoding=config.decoding)
         env.bind_policy(self.link)
         # Only the LM is optimised; the value head holds REINFORCE's baseline (or nothing) and gets no gradient.
         trainable = [p for p in self.policy.lm.parameters() if p.requires_grad]  # all, or the adapters (LoRA)

@@ -31,6 +31,7 @@ from agents.rollout import Rollout, collect_rollout, generated_positions, iterat
 from agents.value_head import PolicyWithValueHead
 from textenv.policy_link import PolicyLink
 from textenv.sampling import SamplingConfig
+from textenv.static_decoding import DECODINGS
 from textenv.vector_env import TextGenerationVectorEnv
 
 
@@ -147,6 +148,9 @@ class PPOConfig:
     """bf16 autocast on CUDA for rollouts and updates."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the update (HF gradient checkpointing)."""
+    decoding: str = "dynamic"
+    """The policy's rollout decoding: ``dynamic`` KV cache, ``static`` or ``compiled`` (CUDA graphs on GPU;
+    see `textenv.static_decoding`). Give the env the same choice for its reference LM."""
     seed: int = 0
     """Seeds sampling and the minibatch order."""
 
@@ -162,6 +166,7 @@ class PPOConfig:
             "lam": 0 <= self.lam <= 1,
             "ptx_coef": self.ptx_coef >= 0,
             "total_iterations": self.total_iterations >= 1,
+            "decoding": self.decoding in DECODINGS,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -206,7 +211,10 @@ class PPOAgent:
         self.ptx_batches = ptx_batches
         self.gold_reward = gold_reward
         self.device = next(policy.parameters()).device
-        self.link = PolicyLink(policy.lm, self.config.sampling, output_hidden_states=True, pad_token_id=env.engine.pad_id)
+        self.link = PolicyLink(
+            policy.lm, self.config.sampling, output_hidden_states=True, pad_token_id=env.engine.pad_id,
+            decoding=self.config.decoding,
+        )  # fmt: skip
         env.bind_policy(self.link)
         env.reset(seed=self.config.seed)  # seeds each row's prompt generator (seed + row), as Gymnasium does
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.config.learning_rate, eps=1e-5)

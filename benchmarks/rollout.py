@@ -6,7 +6,11 @@ value head and the reward model at the end, so a ratio >= 1 means the whole RLHF
 fast as plain generation. Throughput counts ``batch × decode steps`` for both.
 
     python benchmarks/rollout.py --shape tiny --batch 64 --prompt 16 --new 64          # CPU
-    python benchmarks/rollout.py --shape gpt2 --batch 64 --prompt 64 --new 128 --device cuda --bf16
+    python benchmarks/rollout.py --shape tiny --batch 64 --prompt 16 --new 64 --decoding compiled
+    python benchmarks/rollout.py --shape gpt2 --batch 64 --prompt 64 --new 128 --device cuda --bf16 --decoding compiled
+
+The first (warm-up) run of each side is not timed, so ``compiled`` reports its steady state; its compile
+time is printed separately.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +29,7 @@ from agents.ppo import PPOAgent, PPOConfig
 from agents.value_head import PolicyWithValueHead
 from benchmarks.common import SHAPES, build, random_prompts, timed
 from textenv.rewards import RewardModelScorer
+from textenv.static_decoding import DECODINGS
 from textenv.vector_env import TextGenerationVectorEnv
 
 
@@ -31,10 +37,10 @@ def rollout_agent(models, prompts, args) -> PPOAgent:
     env = TextGenerationVectorEnv(
         models["reference"], RewardModelScorer(models["reward"], models["tokenizer"], batch_size=len(prompts)),
         prompts, num_envs=len(prompts), tokenizer=models["tokenizer"], max_prompt_tokens=args.prompt,
-        max_new_tokens=args.new, autoreset_mode="Disabled",
+        max_new_tokens=args.new, autoreset_mode="Disabled", decoding=args.decoding,
     )  # fmt: skip
     policy = PolicyWithValueHead(copy.deepcopy(models["policy"]))
-    return PPOAgent(policy, env, PPOConfig(minibatch_size=len(prompts), micro_batch_size=len(prompts), bf16=args.bf16))
+    return PPOAgent(policy, env, PPOConfig(minibatch_size=len(prompts), micro_batch_size=len(prompts), bf16=args.bf16, decoding=args.decoding))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -45,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
+    parser.add_argument("--decoding", choices=DECODINGS, default="dynamic", help="textenv's KV cache / decode step")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (both sides)")
     args = parser.parse_args(argv)
@@ -70,14 +77,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         batch = agent.rollout()
         return int((batch.mask.sum(0) > 0).sum())  # decode steps taken
 
+    first = time.perf_counter()
+    textenv_rollout()  # compiles the decode steps with --decoding compiled
+    first = time.perf_counter() - first
     hf_time, hf_steps = timed(hf_generate, args.device, args.repeats)
     te_time, te_steps = timed(textenv_rollout, args.device, args.repeats)
     hf_tps = args.batch * hf_steps / hf_time
     te_tps = args.batch * te_steps / te_time
-    print(f"shape={args.shape} batch={args.batch} prompt={args.prompt} new={args.new} device={args.device} bf16={args.bf16}")
+    print(f"shape={args.shape} batch={args.batch} prompt={args.prompt} new={args.new} device={args.device} "
+          f"bf16={args.bf16} decoding={args.decoding}")  # fmt: skip
     print(f"HF generate       : {hf_tps:10.0f} tokens/s  ({hf_steps} steps in {hf_time:.3f} s)")
     print(f"textenv rollout   : {te_tps:10.0f} tokens/s  ({te_steps} steps in {te_time:.3f} s; + reference KL, value, RM)")
     print(f"ratio textenv/HF  : {te_tps / hf_tps:.2f}x")
+    print(f"first textenv rollout (compiles with --decoding compiled): {first:.1f} s")
     return {"hf_tokens_per_s": hf_tps, "textenv_tokens_per_s": te_tps, "ratio": te_tps / hf_tps}
 
 

@@ -52,6 +52,7 @@ def build_engine(
     trust_remote_code: bool,
     join: Callable[[str, str], str],
     record_history: bool = True,
+    decoding: str = "dynamic",
 ) -> tuple[EpisodeBatch, PromptSource]:
     """Resolve user-facing arguments (paths, floats, callables) into the engine and its prompt source."""
     if isinstance(model, (str, Path)):
@@ -99,6 +100,7 @@ def build_engine(
         controller,
         join,
         record_history,
+        decoding,
     )
     return engine, prompts
 
@@ -139,7 +141,7 @@ class EngineAccess:
         link = (
             policy
             if policy is None or isinstance(policy, PolicyLink)
-            else PolicyLink(policy, pad_token_id=self.engine.pad_id)
+            else PolicyLink(policy, pad_token_id=self.engine.pad_id, decoding=self.engine.decoding)
         )
         self.engine.bind_policy(link)
         return link
@@ -199,6 +201,10 @@ class TextGenerationEnv(EngineAccess, gym.Env):
     :param device: where the reference LM runs (default: where it already is).
     :param trust_remote_code: allow a checkpoint's own code when loading by name (off by default).
     :param join: how prompt and completion are joined into one text for display.
+    :param decoding: how the LMs decode token by token: ``"dynamic"`` (growing KV cache, the default),
+        ``"static"`` (preallocated KV cache) or ``"compiled"`` (static cache and a decode step compiled
+        with ``torch.compile``; CUDA graphs on GPU). Same outputs; see `textenv.static_decoding` and
+        docs/benchmarks.md.
 
     ## Version History
     * v0: initial version.
@@ -223,6 +229,7 @@ class TextGenerationEnv(EngineAccess, gym.Env):
         device: str | torch.device | None = None,
         trust_remote_code: bool = False,
         join: Callable[[str, str], str] = join_text,
+        decoding: str = "dynamic",
     ) -> None:
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(
@@ -230,7 +237,7 @@ class TextGenerationEnv(EngineAccess, gym.Env):
             )
         self.engine, self.prompt_source = build_engine(
             model, tokenizer, reward_fn, prompts, 1, max_prompt_tokens, max_new_tokens, stop_tokens,
-            kl_coef, kl_estimator, overflow, device, trust_remote_code, join, render_mode is not None,
+            kl_coef, kl_estimator, overflow, device, trust_remote_code, join, render_mode is not None, decoding,
         )  # fmt: skip
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(self.engine.vocab_size)

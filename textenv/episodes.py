@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.incremental import IncrementalLM
 from textenv.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
 from textenv.models import action_space_size, model_device
 from textenv.policy_link import PolicyLink
 from textenv.prompts import Prompt
 from textenv.rewards import RewardFunction, join_text
+from textenv.static_decoding import make_decoder
 
 
 @dataclass
@@ -70,6 +70,8 @@ class EpisodeBatch:
     :param kl_controller: supplies β; adaptive controllers are updated as episodes end.
     :param join: how prompt and completion texts are joined for display.
     :param record_history: keep per-token records for rendering (off in rollouts that never render).
+    :param decoding: the reference LM's KV cache and decode step: ``dynamic``, ``static`` or ``compiled``
+        (see `textenv.static_decoding`).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class EpisodeBatch:
         kl_controller: FixedKLController | AdaptiveKLController | None = None,
         join=join_text,
         record_history: bool = True,
+        decoding: str = "dynamic",
     ) -> None:
         if kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose one of {KL_ESTIMATORS}")
@@ -113,7 +116,8 @@ class EpisodeBatch:
         self.join = join
         self.record_history = record_history
         self.device = model_device(ref_model)
-        self.reference = IncrementalLM(ref_model, pad_token_id=self.pad_id)
+        self.decoding = decoding
+        self.reference = make_decoder(ref_model, decoding, pad_token_id=self.pad_id)
         self.policy: PolicyLink | None = None
         self._stop = torch.tensor(self.stop_ids, device=self.device)
 
@@ -141,7 +145,7 @@ class EpisodeBatch:
                 )
         self.policy = link
         if link is not None and self.started:
-            link.start(self.sequences())
+            link.start(self.sequences(), self.max_new_tokens)
 
     def sequences(self) -> list[torch.Tensor]:
         """Each row's real tokens so far (prompt + generated), as 1-D tensors."""
@@ -170,9 +174,9 @@ class EpisodeBatch:
         if not self.started or len(rows) == self.num_rows:
             if len(rows) != self.num_rows:
                 raise RuntimeError("the first reset must start every row")
-            self._ref_logits = self.reference.start(sequences).logits
+            self._ref_logits = self.reference.start(sequences, self.max_new_tokens).logits
             if self.policy is not None:
-                self.policy.start(sequences)
+                self.policy.start(sequences, self.max_new_tokens)
             self.started = True
         else:
             assert self._ref_logits is not None

@@ -87,8 +87,11 @@ class IncrementalLM:
         out, cache = self._forward(ids, mask, position_ids_from_mask(mask), DynamicCache())
         return out, cache, mask
 
-    def start(self, sequences: Sequence[torch.Tensor]) -> StepOutput:
-        """Forget every row and prefill a new batch of 1-D id sequences."""
+    def start(self, sequences: Sequence[torch.Tensor], reserve: int = 0) -> StepOutput:
+        """Forget every row and prefill a new batch of 1-D id sequences.
+
+        :param reserve: how many tokens will follow (a static cache preallocates them; this one grows).
+        """
         out, self.cache, self.cache_mask = self._prefill(sequences)
         return out
 

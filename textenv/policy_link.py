@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 
 from textenv.incremental import IncrementalLM, StepOutput
 from textenv.sampling import SamplingConfig, sample_tokens
+from textenv.static_decoding import make_decoder
 
 
 class PolicyLink:
@@ -35,6 +36,8 @@ class PolicyLink:
     :param sampling: temperature / top-k / top-p; the log-probs handed out are of this distribution.
     :param output_hidden_states: keep the last hidden state of each step (for a value head on the trunk).
     :param pad_token_id: id used in padding columns of the policy's cache.
+    :param decoding: ``dynamic``, ``static`` or ``compiled`` KV cache and decode step
+        (see `textenv.static_decoding`).
     """
 
     def __init__(
@@ -43,10 +46,13 @@ class PolicyLink:
         sampling: SamplingConfig | None = None,
         output_hidden_states: bool = False,
         pad_token_id: int = 0,
+        decoding: str = "dynamic",
     ) -> None:
         self.model = model
         self.sampling = sampling or SamplingConfig()
-        self.decoder = IncrementalLM(model, output_hidden_states, pad_token_id) if model is not None else None
+        self.decoder: IncrementalLM | None = (
+            make_decoder(model, decoding, output_hidden_states, pad_token_id) if model is not None else None
+        )
         self._current: StepOutput | None = None  # outputs for the current state of every row
         self._logprobs: torch.Tensor | None = None  # sampling log-probs for the current state
         self._pending: torch.Tensor | None = None  # tokens appended but not yet run through the model
@@ -81,11 +87,11 @@ class PolicyLink:
         self._pending = None
 
     # ---------------------------------------------------------------------------------- env side
-    def start(self, sequences: Sequence[torch.Tensor]) -> None:
-        """All rows begin new episodes with these prompt ids."""
+    def start(self, sequences: Sequence[torch.Tensor], reserve: int = 0) -> None:
+        """All rows begin new episodes with these prompt ids; ``reserve`` tokens will follow at most."""
         self._logprobs = None
         self._pending = None
-        self._current = self.decoder.start(sequences) if self.decoder is not None else None
+        self._current = self.decoder.start(sequences, reserve) if self.decoder is not None else None
 
     def replace_rows(self, rows: Sequence[int], sequences: Sequence[torch.Tensor]) -> None:
         """Some rows begin new episodes; the rest keep their cache."""

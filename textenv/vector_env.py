@@ -92,6 +92,7 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
         trust_remote_code: bool = False,
         join: Callable[[str, str], str] = join_text,
         autoreset_mode: str | AutoresetMode = AutoresetMode.NEXT_STEP,
+        decoding: str = "dynamic",
     ) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
@@ -103,7 +104,7 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
         self.metadata = {**self.metadata, "autoreset_mode": AUTORESET_MODES[mode]}
         self.engine, self.prompt_source = build_engine(
             model, tokenizer, reward_fn, prompts, num_envs, max_prompt_tokens, max_new_tokens, stop_tokens,
-            kl_coef, kl_estimator, overflow, device, trust_remote_code, join, render_mode is not None,
+            kl_coef, kl_estimator, overflow, device, trust_remote_code, join, render_mode is not None, decoding,
         )  # fmt: skip
         self.num_envs = num_envs
         self.render_mode = render_mode

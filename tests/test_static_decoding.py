@@ -1,0 +1,139 @@
+"""The static-cache (and compiled) decode path gives the same numbers as the dynamic cache, restarts included."""
+
+import numpy as np
+import pytest
+import torch
+
+from agents.ppo import PPOAgent, PPOConfig
+from agents.value_head import PolicyWithValueHead
+from textenv import PolicyLink
+from textenv.incremental import IncrementalLM
+from textenv.models import build_tiny_causal_lm, tiny_gpt2_config
+from textenv.static_decoding import StaticIncrementalLM, make_decoder
+from textenv.toy import make_toy_env, toy_components
+
+VOCAB = 40
+
+
+def tiny_lm(seed: int = 0):
+    return build_tiny_causal_lm(
+        tiny_gpt2_config(VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=2), seed
+    )
+
+
+def random_sequences(gen: torch.Generator, n: int, low: int = 1, high: int = 9) -> list[torch.Tensor]:
+    lengths = torch.randint(low, high, (n,), generator=gen).tolist()
+    return [torch.randint(3, VOCAB, (length,), generator=gen) for length in lengths]
+
+
+def assert_same(a, b) -> None:
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    if a.hidden is not None or b.hidden is not None:
+        torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=1e-5)
+
+
+def drive(decoders: list[IncrementalLM], steps: int, seed: int = 0, restart_every: int = 3) -> None:
+    """Start, step and restart rows on every decoder alike; their outputs must agree at every call."""
+    gen = torch.Generator().manual_seed(seed)
+    B = 4
+    first = random_sequences(gen, B)
+    outs = [d.start(first, reserve=4) for d in decoders]  # a small reserve: the buffer must shift and grow
+    for out in outs[1:]:
+        assert_same(outs[0], out)
+    for t in range(steps):
+        tokens = torch.randint(3, VOCAB, (B,), generator=gen)
+        outs = [d.step(tokens) for d in decoders]
+        for out in outs[1:]:
+            assert_same(outs[0], out)
+        if t % restart_every == restart_every - 1:
+            k = t // restart_every  # round robin, so every row restarts and old columns go dead
+            rows = sorted({k % B, (k + 2 * (k % 2)) % B})
+            # prompts up to 14 tokens: at times longer than the used part of the cache (a right shift)
+            sequences = random_sequences(gen, len(rows), 1, 15)
+            outs = [d.replace_rows(rows, sequences) for d in decoders]
+            for out in outs[1:]:
+                assert_same(outs[0], out)
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_static_cache_matches_dynamic_cache_through_restarts_shifts_and_growth(hidden):
+    model = tiny_lm()
+    dynamic = IncrementalLM(model, output_hidden_states=hidden)
+    static = StaticIncrementalLM(model, output_hidden_states=hidden)
+    drive([dynamic, static], steps=40)
+    assert static.compactions > 0, "the buffer never filled: the shift was not exercised"
+    assert static.capacity > 4 + 8, "the buffer never grew"
+    assert static.forward_calls == dynamic.forward_calls
+
+
+def test_static_cache_is_reused_across_starts():
+    """A new batch of the same shape writes into the same buffers (a compiled step then never recompiles)."""
+    static = StaticIncrementalLM(tiny_lm())
+    gen = torch.Generator().manual_seed(1)
+    static.start([torch.randint(3, VOCAB, (n,), generator=gen) for n in (8, 3, 5)], reserve=8)
+    cache = static.cache
+    dynamic = IncrementalLM(static.model)
+    second = [torch.randint(3, VOCAB, (n,), generator=gen) for n in (2, 7, 4)]
+    assert_same(dynamic.start(second), static.start(second, reserve=8))
+    assert static.cache is cache
+    tokens = torch.tensor([5, 6, 7])
+    assert_same(dynamic.step(tokens), static.step(tokens))
+
+
+def test_compiled_decode_step_matches_dynamic_cache():
+    """``torch.compile`` of the decode forward (inductor on CPU) gives the eager numbers."""
+    model = tiny_lm()
+    dynamic = IncrementalLM(model, output_hidden_states=True)
+    compiled = make_decoder(model, "compiled", output_hidden_states=True)
+    assert isinstance(compiled, StaticIncrementalLM) and compiled.compile_mode == "default"
+    drive([dynamic, compiled], steps=12, restart_every=5)
+
+
+def run_env(decoding: str, steps: int = 40) -> list[dict]:
+    venv = make_toy_env(4, stop_tokens=("good",), decoding=decoding)
+    link = venv.bind_policy(PolicyLink(toy_components(3)["model"], decoding=decoding))
+    venv.reset(seed=0)
+    gen = torch.Generator().manual_seed(0)
+    good = venv.tokenizer.convert_tokens_to_ids("good")
+    records = []
+    for _ in range(steps):
+        tokens = link.sample(gen)
+        tokens[torch.rand(4, generator=gen) < 0.15] = good  # rows end at different times: NextStep resets
+        _, rewards, terminated, _, info = venv.step(tokens)
+        records.append(
+            {"rewards": rewards, "terminated": terminated, **{k: info[k] for k in ("logprob", "kl")}}
+        )
+    return records
+
+
+def test_vector_env_static_decoding_matches_dynamic_with_autoreset():
+    dynamic, static = run_env("dynamic"), run_env("static")
+    assert any(r["terminated"].any() for r in dynamic)
+    for a, b in zip(dynamic, static, strict=True):
+        np.testing.assert_array_equal(a["terminated"], b["terminated"])
+        for key in ("rewards", "logprob", "kl"):
+            np.testing.assert_allclose(a[key], b[key], atol=1e-4, equal_nan=True)
+
+
+def test_ppo_rollout_is_the_same_with_static_decoding():
+    batches = []
+    for decoding in ("dynamic", "static"):
+        venv = make_toy_env(4, autoreset_mode="Disabled", decoding=decoding)
+        agent = PPOAgent(
+            PolicyWithValueHead(toy_components(5)["model"]),
+            venv,
+            PPOConfig(decoding=decoding, minibatch_size=4, micro_batch_size=4),
+        )
+        batches.append(agent.rollout())
+    a, b = batches
+    assert torch.equal(a.actions, b.actions)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.rewards, b.rewards, atol=1e-5, rtol=0)
+
+
+def test_unknown_decoding_is_rejected_by_name():
+    with pytest.raises(ValueError, match="decoding must be one of"):
+        make_toy_env(2, decoding="fast")
+    with pytest.raises(ValueError, match="decoding must be one of"):
+        PolicyLink(tiny_lm(), decoding="fast")

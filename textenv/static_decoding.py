@@ -1,0 +1,240 @@
+"""Static-shape incremental decoding: a preallocated KV cache, optionally with a compiled decode step.
+
+`IncrementalLM` grows a `DynamicCache` by one column per token (a ``torch.cat`` per layer) and every decode
+forward runs eagerly, one Python-dispatched kernel at a time. On a GPU that is launch-bound: a GPT-2-small
+step is ~15 ms of launches for well under 1 ms of work. The cure transformers itself uses for
+``generate`` is a `StaticCache` (fixed-size buffers written in place) plus ``torch.compile`` of the decode
+forward; with every shape fixed, ``mode="reduce-overhead"`` replays the whole step as one CUDA graph.
+
+`StaticIncrementalLM` is that cure for textenv's batches of restartable rows:
+
+- the cache holds ``capacity`` columns per row; the attention mask is always ``(B, capacity)`` with 1 on
+  the real tokens, so the decode forward has the same shapes at every step;
+- all rows write their next token at the same column (the cache's ``cumulative_length``), exactly as in
+  the dynamic cache, and positions still come from the mask, so outputs match the dynamic path;
+- a restarted row is prefilled on its own and copied in right-aligned with the write column; when the
+  buffer fills, the leading columns no row attends to are dropped by an in-place shift (the buffers keep
+  their addresses, which CUDA graphs need), and if that frees too little the buffer doubles once.
+
+``decoding="compiled"`` compiles the decode forward (``fullgraph``, static shapes): on CUDA with
+``mode="reduce-overhead"`` (CUDA graphs), on CPU with inductor's default mode. Compiling costs seconds per
+model and shape once, so it pays for long runs and benchmarks, not for a single short episode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, StaticCache
+
+from textenv.incremental import IncrementalLM, StepOutput
+from textenv.models import pad_left, position_ids_from_mask
+
+DECODINGS = ("dynamic", "static", "compiled")
+"""How `make_decoder` runs the decode step: growing cache (eager), static cache (eager), static + compiled."""
+
+DEFAULT_RESERVE = 64
+"""Columns kept free for generated tokens when the caller does not say how many it will generate."""
+
+
+def default_compile_mode(device: torch.device) -> str:
+    """CUDA graphs on CUDA (the launch overhead is the cost there); inductor's default elsewhere."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
+class StaticIncrementalLM(IncrementalLM):
+    """`IncrementalLM` over a preallocated `StaticCache`; same interface, same outputs.
+
+    :param model: a Hugging Face causal LM whose forward accepts a transformers `Cache`.
+    :param output_hidden_states: also return the last-layer hidden state of the newest position.
+    :param pad_token_id: id written into padding columns (never attended to).
+    :param compile: compile the decode forward with ``torch.compile`` (static shapes, full graph).
+    :param compile_mode: ``torch.compile`` mode; default `default_compile_mode` of the model's device.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        output_hidden_states: bool = False,
+        pad_token_id: int = 0,
+        compile: bool = False,
+        compile_mode: str | None = None,
+    ) -> None:
+        super().__init__(model, output_hidden_states, pad_token_id)
+        if self._cache_kw != "cache":
+            raise ValueError(
+                "static decoding needs a model whose forward takes transformers' `cache=` argument "
+                "(transformers >= 5); use decoding='dynamic' for this model"
+            )
+        self.compile = compile
+        self.compile_mode = compile_mode or default_compile_mode(self.device)
+        self.cache: StaticCache | None = None  # type: ignore[assignment]
+        self.length = 0  # the column the next token is written to (= columns in use)
+        self._decode = self._compiled_decode() if compile else self._eager_decode
+        self.compactions = 0  # in-place shifts when the buffer filled (counted for tests)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.cache_mask is None else self.cache_mask.shape[1]
+
+    # ------------------------------------------------------------------------------- decode forward
+    def _eager_decode(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True,
+            output_hidden_states=self.output_hidden_states, logits_to_keep=1,
+        )  # fmt: skip
+        hidden = out.hidden_states[-1][:, -1] if self.output_hidden_states else None
+        return out.logits[:, -1], hidden
+
+    def _compiled_decode(self):
+        return torch.compile(self._eager_decode, mode=self.compile_mode, fullgraph=True, dynamic=False)
+
+    # ------------------------------------------------------------------------------- cache buffers
+    def _new_cache(self, batch: int, capacity: int) -> None:
+        """Allocate the static buffers (and their mask), reusing the current ones when shapes match."""
+        if self.cache is not None and self.batch_size == batch and self.capacity == capacity:
+            self.cache_mask.zero_()  # type: ignore[union-attr]
+        else:
+            self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+            self.cache_mask = torch.zeros((batch, capacity), dtype=torch.long, device=self.device)
+        self._set_length(0)
+
+    def _set_length(self, length: int) -> None:
+        """Move the write column of every layer (in place: compiled graphs hold these tensors' addresses)."""
+        assert self.cache is not None
+        self.length = length
+        for layer in self.cache.layers:
+            if not hasattr(layer, "cumulative_length"):
+                raise RuntimeError("this transformers version's StaticCache has no cumulative_length")
+            if isinstance(layer.cumulative_length, torch.Tensor):
+                layer.cumulative_length.fill_(length)
+            else:
+                layer.cumulative_length = length
+
+    def _initialized_layers(self) -> list:
+        assert self.cache is not None
+        return [layer for layer in self.cache.layers if getattr(layer, "is_initialized", True)]
+
+    def _shift_left(self, first: int) -> None:
+        """Drop columns ``[0, first)``: move the used columns to the front of the same buffers."""
+        used = self.length - first
+        assert self.cache_mask is not None
+        self.cache_mask[:, :used] = self.cache_mask[:, first : self.length].clone()
+        self.cache_mask[:, used:] = 0
+        for layer in self._initialized_layers():
+            for tensor in (layer.keys, layer.values):
+                tensor[:, :, :used] = tensor[:, :, first : self.length].clone()
+        self._set_length(used)
+        self.compactions += 1
+
+    def _shift_right(self, by: int) -> None:
+        """Open ``by`` empty columns at the front (a restarted row's prompt is longer than the used part)."""
+        assert self.cache_mask is not None
+        self._ensure_room(by)
+        end = self.length + by
+        self.cache_mask[:, by:end] = self.cache_mask[:, : self.length].clone()
+        self.cache_mask[:, :by] = 0
+        for layer in self._initialized_layers():
+            for tensor in (layer.keys, layer.values):
+                tensor[:, :, by:end] = tensor[:, :, : self.length].clone()
+        self._set_length(end)
+
+    def _ensure_room(self, columns: int) -> None:
+        """Make ``columns`` free columns after the write column: shift out dead columns, or grow once."""
+        assert self.cache_mask is not None
+        if self.length + columns <= self.capacity:
+            return
+        live = self.cache_mask[:, : self.length].any(dim=0).nonzero()  # one host sync, only when full
+        first = int(live[0]) if len(live) else self.length
+        if first > 0:
+            self._shift_left(first)
+        if self.length + columns > self.capacity or self.capacity - self.length < self.capacity // 4:
+            self._grow(max(2 * self.capacity, self.length + columns))
+
+    def _grow(self, capacity: int) -> None:
+        """Reallocate bigger buffers (a new shape: a compiled decode step recompiles once)."""
+        old_cache, old_mask, length = self.cache, self.cache_mask, self.length
+        assert old_cache is not None and old_mask is not None
+        self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+        self.cache_mask = torch.zeros((old_mask.shape[0], capacity), dtype=torch.long, device=self.device)
+        self.cache_mask[:, :length] = old_mask[:, :length]
+        for layer, old in zip(self.cache.layers, old_cache.layers, strict=True):
+            if getattr(old, "is_initialized", True):
+                layer.lazy_initialization(old.keys, old.values)
+                layer.keys[:, :, :length] = old.keys[:, :, :length]
+                layer.values[:, :, :length] = old.values[:, :, :length]
+        self._set_length(length)
+
+    # ------------------------------------------------------------------------------- public interface
+    @torch.no_grad()
+    def start(self, sequences: Sequence[torch.Tensor], reserve: int = DEFAULT_RESERVE) -> StepOutput:
+        """Forget every row and prefill a new batch; keep ``reserve`` columns for tokens to come."""
+        if any(len(s) == 0 for s in sequences):
+            raise ValueError("cannot prefill an empty sequence")
+        ids, mask = pad_left([s.to(self.device) for s in sequences], self.pad_token_id)
+        self._new_cache(len(sequences), max(ids.shape[1] + reserve, self.capacity))
+        assert self.cache_mask is not None
+        self.cache_mask[:, : ids.shape[1]] = mask
+        self.forward_calls += 1
+        self.tokens_processed += ids.numel()
+        out = self.model(
+            input_ids=ids, attention_mask=self.cache_mask, position_ids=position_ids_from_mask(mask),
+            cache=self.cache, use_cache=True, output_hidden_states=self.output_hidden_states, logits_to_keep=1,
+        )  # fmt: skip
+        self.length = ids.shape[1]
+        hidden = out.hidden_states[-1][:, -1].float() if self.output_hidden_states else None
+        return StepOutput(out.logits[:, -1].float(), hidden)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> StepOutput:
+        """Append one token ``(B,)`` to every row and return the next-token outputs."""
+        if self.cache is None or self.cache_mask is None:
+            raise RuntimeError("IncrementalLM.step called before start()")
+        self._ensure_room(1)
+        tokens = tokens.to(self.device).long().view(-1, 1)
+        positions = self.cache_mask.sum(-1, keepdim=True)
+        self.cache_mask[:, self.length] = 1
+        self.forward_calls += 1
+        self.tokens_processed += tokens.numel()
+        if self.compile:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+        logits, hidden = self._decode(tokens, self.cache_mask, positions)
+        self.length += 1
+        # Copies, not views: a CUDA-graph replay overwrites its outputs in place on the next step.
+        return StepOutput(logits.float().clone(), None if hidden is None else hidden.float().clone())
+
+    @torch.no_grad()
+    def replace_rows(self, rows: Sequence[int], sequences: Sequence[torch.Tensor]) -> StepOutput:
+        """Restart ``rows`` with new sequences; other rows keep their cache. Returns outputs for ``rows``."""
+        if self.cache is None or self.cache_mask is None:
+            raise RuntimeError("IncrementalLM.replace_rows called before start()")
+        new_out, new_cache, new_mask = self._prefill(sequences)
+        n = new_mask.shape[1]
+        if n > self.length:
+            self._shift_right(n - self.length)
+        index = torch.as_tensor(list(rows), device=self.device, dtype=torch.long)
+        self.cache_mask[index, : self.length] = 0
+        self.cache_mask[index, self.length - n : self.length] = new_mask
+        for layer, new_layer in zip(self._initialized_layers(), new_cache.layers, strict=True):
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name)
+                tensor[index, :, self.length - n : self.length] = getattr(new_layer, name).to(tensor.dtype)
+        return new_out
+
+
+def make_decoder(
+    model: PreTrainedModel,
+    decoding: str = "dynamic",
+    output_hidden_states: bool = False,
+    pad_token_id: int = 0,
+    compile_mode: str | None = None,
+) -> IncrementalLM:
+    """The incremental decoder for ``decoding``: ``dynamic``, ``static`` or ``compiled`` (see `DECODINGS`)."""
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+    if decoding == "dynamic":
+        return IncrementalLM(model, output_hidden_states, pad_token_id)
+    return StaticIncrementalLM(
+        model, output_hidden_states, pad_token_id, compile=decoding == "compiled", compile_mode=compile_mode
+    )
