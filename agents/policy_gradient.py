@@ -239,7 +239,10 @@ class SequencePolicyGradientAgent(ABC):
     def token_outputs(self, batch: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of the taken actions and the entropy at every generated position of ``rows`` (one forward)."""
         ids, attn = generated_positions(batch, rows)
-        logits = self.policy.lm(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False).logits
+        logits = self.policy.lm(
+            input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False,
+            logits_to_keep=batch.actions.shape[1] + 1,  # only the positions that predict generated tokens
+        ).logits
         return taken_logprobs(logits, batch, rows, self.config.sampling)
 
     def update(self, batch: Rollout, advantages: torch.Tensor) -> dict[str, float]:

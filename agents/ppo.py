@@ -246,7 +246,7 @@ class PPOAgent:
         """Log-probs of the taken actions, values and entropy at every generated position of ``rows``."""
         P, T = batch.prompt_slots, batch.actions.shape[1]
         with self._autocast():
-            logits, values = self.policy(*generated_positions(batch, rows))
+            logits, values = self.policy(*generated_positions(batch, rows), logits_to_keep=T + 1)
         logprobs, token_entropy = taken_logprobs(logits, batch, rows, self.config.sampling)
         return logprobs, values[:, P - 1 : P + T - 1], token_entropy
 

@@ -112,10 +112,12 @@ def taken_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of the taken tokens and the entropy at each generated position, from full-sequence logits.
 
-    :param logits: ``(b, P + T, V)`` of a forward over `generated_positions` (position i predicts i + 1).
+    :param logits: ``(b, n, V)``, the last ``n >= T + 1`` positions of a forward over `generated_positions`
+        (position i predicts i + 1). Run that forward with ``logits_to_keep=T + 1``: the LM head then skips
+        the prompt positions, which saves ``P / (P + T)`` of the largest activation in the update.
     """
-    P, T = batch.prompt_slots, batch.actions.shape[1]
-    logprobs_all = sampling.logprobs(logits[:, P - 1 : P + T - 1].float())
+    T = batch.actions.shape[1]
+    logprobs_all = sampling.logprobs(logits[:, -T - 1 : -1].float())
     logprobs = logprobs_all.gather(-1, batch.actions[rows].unsqueeze(-1)).squeeze(-1)
     # With top-k / top-p a token can leave the truncated set as the policy moves (log-prob -inf); a
     # finite floor keeps the ratio ~0 there and the statistics finite (padding positions too).

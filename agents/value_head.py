@@ -62,13 +62,20 @@ class PolicyWithValueHead(nn.Module):
         """Values ``(...,)`` from last-layer hidden states ``(..., H)``."""
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``(B, L, V)`` and values ``(B, L)`` for whole sequences (one forward per sequence)."""
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, L, V)`` and values ``(B, L)`` for whole sequences (one forward per sequence).
+
+        :param logits_to_keep: if > 0, logits only for the last this many positions (the LM head's output
+            is the biggest activation of a PPO update; the prompt positions need none).
+        """
         out = self.lm(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             output_hidden_states=True,
             use_cache=False,
+            logits_to_keep=logits_to_keep,
         )
         return out.logits, self.value(out.hidden_states[-1])

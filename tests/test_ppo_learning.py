@@ -80,3 +80,29 @@ def test_lora_trains_only_adapters_and_value_head():
     assert np.isfinite(stats["policy_loss"]) and stats["approx_kl"] > 0  # the adapters moved the policy
     after = policy.lm.get_base_model().state_dict()
     assert all(torch.equal(v, after[k]) for k, v in base_before.items())  # base weights untouched
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "top_k": 10}])
+def test_update_forward_reproduces_the_rollout(sampling):
+    """Before any update, one full-sequence forward (LM head on generated positions only) gives back the
+    rollout's log-probs and values: the first PPO ratio is exactly 1, for PPO and the baselines alike."""
+    from agents.reinforce import ReinforceAgent, ReinforceConfig
+
+    env = make_toy_env(8, autoreset_mode="Disabled", max_new_tokens=6)
+    agent = PPOAgent(
+        PolicyWithValueHead(copy.deepcopy(env.reference_model)), env,
+        PPOConfig(minibatch_size=8, micro_batch_size=8, **sampling),
+    )  # fmt: skip
+    torch.nn.init.normal_(agent.policy.value_head.weight)  # non-zero values, so they are compared for real
+    batch = agent.rollout()
+    rows = torch.arange(8)
+    logprobs, values, _ = agent._token_outputs(batch, rows)
+    m = batch.mask.bool()
+    torch.testing.assert_close(logprobs[m], batch.logprobs[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values[m], batch.values[m], atol=1e-5, rtol=1e-5)
+
+    baseline = ReinforceAgent(copy.deepcopy(env.reference_model), env, ReinforceConfig(minibatch_size=8, **sampling))
+    batch = baseline.rollout()
+    logprobs, _ = baseline.token_outputs(batch, rows)
+    m = batch.mask.bool()
+    torch.testing.assert_close(logprobs[m], batch.logprobs[m], atol=1e-5, rtol=1e-5)
