@@ -64,11 +64,14 @@ def collect_rollout(
     T, B = env.engine.max_new_tokens, env.num_envs
     env.reset(options=None if prompts is None else {"prompts": list(prompts)})
     device = link.model.device if link.model is not None else env.engine.device
-    logprobs, values, rewards, mask = (torch.zeros(B, T, device=device) for _ in range(4))
+    logprobs, values = torch.zeros(B, T, device=device), torch.zeros(B, T, device=device)
     actions = torch.zeros(B, T, dtype=torch.long, device=device)
+    # What the env returns as NumPy stays on the host until the end: a copy to a GPU per step would make
+    # the host wait for the GPU's queue every token.
+    rewards, mask = np.zeros((B, T), dtype=np.float32), np.zeros((B, T), dtype=np.float32)
     scores, episode_kl = np.zeros(B), np.zeros(B)
     for t in range(T):
-        mask[:, t] = torch.as_tensor(~env.done, device=device).float()
+        mask[:, t] = ~env.done
         with autocast():
             distribution = link.logprobs()
             if value_fn is not None:
@@ -77,22 +80,23 @@ def collect_rollout(
         logprobs[:, t] = distribution.gather(-1, tokens.view(-1, 1)).squeeze(-1)
         actions[:, t] = tokens
         _, step_rewards, terminated, _, info = env.step(tokens)
-        rewards[:, t] = torch.as_tensor(step_rewards, device=device, dtype=torch.float32)
+        rewards[:, t] = step_rewards
         if terminated.any():
             scores[terminated] = info["score"][terminated]
             episode_kl[terminated] = info["episode_kl"][terminated]
         if env.done.all():
             break
     engine = env.engine
+    mask_t, rewards_t = torch.as_tensor(mask, device=device), torch.as_tensor(rewards, device=device)
     return Rollout(
         input_ids=engine.ids.clone().to(device),
         attention_mask=engine.mask.clone().to(device),
         prompt_slots=engine.max_prompt_tokens,
         actions=actions,
-        logprobs=logprobs * mask,
-        values=values * mask,
-        rewards=rewards * mask,
-        mask=mask,
+        logprobs=logprobs * mask_t,
+        values=values * mask_t,
+        rewards=rewards_t * mask_t,
+        mask=mask_t,
         scores=scores,
         kl=episode_kl,
         prompts=[p.text for p in engine.prompts],  # type: ignore[union-attr]

@@ -6,13 +6,16 @@ sequence classifier of the same shape), as its PPOTrainer always does; textenv r
 on the policy's trunk. TRL is an optional benchmark dependency: ``pip install -e ".[bench]"``.
 
     python benchmarks/ppo_vs_trl.py --shape tiny --batch 16 --prompt 16 --new 32 --iterations 3      # CPU
-    python benchmarks/ppo_vs_trl.py --shape gpt2 --batch 64 --prompt 64 --new 128 --device cuda --bf16
+    python benchmarks/ppo_vs_trl.py --shape gpt2 --batch 64 --prompt 64 --new 128 --device cuda --bf16 --decoding compiled
+
+With ``--decoding compiled`` one rollout runs before the timed iterations so that compiling is not timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import sys
 import tempfile
@@ -29,6 +32,7 @@ from benchmarks.common import SHAPES, build, random_prompts  # noqa: E402
 from textenv.kl import FixedKLController  # noqa: E402
 from textenv.models import build_tiny_reward_model  # noqa: E402
 from textenv.rewards import RewardModelScorer  # noqa: E402
+from textenv.static_decoding import DECODINGS  # noqa: E402
 from textenv.vector_env import TextGenerationVectorEnv  # noqa: E402
 
 
@@ -43,17 +47,25 @@ def reset_peak(device: str) -> None:
 
 
 def run_textenv(models, prompts, args) -> tuple[float, float | None]:
+    # The frozen reference and RM need no fp32 master weights: with --bf16 they run in bf16 (the policy
+    # keeps fp32 weights under bf16 autocast, like TRL's mixed precision).
+    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    reference = copy.deepcopy(models["reference"]).to(frozen_dtype)
+    reward = copy.deepcopy(models["reward"]).to(frozen_dtype)
     env = TextGenerationVectorEnv(
-        models["reference"], RewardModelScorer(models["reward"], models["tokenizer"], batch_size=len(prompts)),
+        reference, RewardModelScorer(reward, models["tokenizer"], batch_size=len(prompts)),
         prompts, num_envs=len(prompts), tokenizer=models["tokenizer"], max_prompt_tokens=args.prompt,
         max_new_tokens=args.new, kl_coef=FixedKLController(0.05), autoreset_mode="Disabled",
+        decoding=args.decoding,
     )  # fmt: skip
     minibatch = args.batch // args.minibatches
     agent = PPOAgent(
         PolicyWithValueHead(copy.deepcopy(models["policy"])), env,
         PPOConfig(ppo_epochs=4, minibatch_size=minibatch, micro_batch_size=minibatch, bf16=args.bf16,
-                  total_iterations=args.iterations),
+                  total_iterations=args.iterations, decoding=args.decoding),
     )  # fmt: skip
+    if args.decoding == "compiled":
+        agent.rollout()  # compile the decode steps outside the timed iterations
     reset_peak(args.device)
     start = time.perf_counter()
     for _ in range(args.iterations):
@@ -103,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--decoding", choices=DECODINGS, default="dynamic", help="textenv's KV cache / decode step")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if args.threads:
@@ -114,9 +127,12 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     config = models["policy"].config
     prompts = random_prompts(models["tokenizer"], args.batch, args.prompt)
     ours, ours_mem = run_textenv(models, prompts, args)
+    gc.collect()  # textenv's agent and env are gone before TRL's peak is measured
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     trl, trl_mem = run_trl(models, prompts, args, config)
     print(f"shape={args.shape} batch={args.batch} minibatches={args.minibatches} prompt={args.prompt} new={args.new} "
-          f"epochs=4 iterations={args.iterations} device={args.device} bf16={args.bf16}")  # fmt: skip
+          f"epochs=4 iterations={args.iterations} device={args.device} bf16={args.bf16} decoding={args.decoding}")  # fmt: skip
     print(f"TRL PPOTrainer : {trl:8.2f} episodes/s" + (f"  peak {trl_mem:.2f} GiB" if trl_mem is not None else ""))
     print(f"textenv PPO    : {ours:8.2f} episodes/s" + (f"  peak {ours_mem:.2f} GiB" if ours_mem is not None else ""))
     print(f"ratio textenv/TRL: {ours / trl:.2f}x episodes/s" + (f", {ours_mem / trl_mem:.2f}x memory" if trl_mem else ""))

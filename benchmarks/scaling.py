@@ -5,6 +5,9 @@ the script prints milliseconds per decode step, and the same for an uncached loo
 whole sequence every token (what a naive env would do), so the difference is visible in one run.
 
     python benchmarks/scaling.py --shape tiny --batch 16 --lengths 32,64,128,256,512
+    python benchmarks/scaling.py --shape gpt2 --batch 64 --prompt 64 --device cuda --bf16 --decoding compiled
+
+With ``--decoding compiled`` each length is a new cache shape, compiled in the untimed warm-up run.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from benchmarks.common import SHAPES, build, random_prompts, timed  # noqa: E402
 from benchmarks.rollout import rollout_agent  # noqa: E402
+from textenv.static_decoding import DECODINGS  # noqa: E402
 
 
 def uncached_steps(model, ids: torch.Tensor, steps: int) -> None:
@@ -39,17 +43,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
+    parser.add_argument("--decoding", choices=DECODINGS, default="dynamic", help="textenv's KV cache / decode step")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
-    models = build(args.shape, args.prompt + max(lengths), args.device, torch.float32)
+    models = build(args.shape, args.prompt + max(lengths), args.device, torch.bfloat16 if args.bf16 else torch.float32)
     prompts = random_prompts(models["tokenizer"], args.batch, args.prompt)
     rows = []
-    print(f"shape={args.shape} batch={args.batch} prompt={args.prompt} device={args.device}")
+    print(f"shape={args.shape} batch={args.batch} prompt={args.prompt} device={args.device} bf16={args.bf16} "
+          f"decoding={args.decoding}")  # fmt: skip
     print(f"{'new tokens':>10} {'textenv ms/step':>16} {'uncached ms/step':>17}")
     for new in lengths:
-        agent = rollout_agent(models, prompts, types.SimpleNamespace(prompt=args.prompt, new=new, bf16=False))
+        agent = rollout_agent(models, prompts, types.SimpleNamespace(prompt=args.prompt, new=new, bf16=args.bf16, decoding=args.decoding))
         seconds, steps = timed(lambda a=agent: int((a.rollout().mask.sum(0) > 0).sum()), args.device, args.repeats)
         ids = models["tokenizer"](prompts, return_tensors="pt")["input_ids"].to(args.device)
         naive, _ = timed(lambda n=new, i=ids: uncached_steps(models["policy"], i, n), args.device, 1)

@@ -137,3 +137,18 @@ def test_unknown_decoding_is_rejected_by_name():
         make_toy_env(2, decoding="fast")
     with pytest.raises(ValueError, match="decoding must be one of"):
         PolicyLink(tiny_lm(), decoding="fast")
+
+
+def test_static_cache_prefilled_in_float32_steps_under_bf16_autocast():
+    """Episodes start outside the agent's autocast and step inside it (PPO with ``bf16``): the static buffers,
+    allocated at prefill, must take the bf16 keys as the dynamic cache's concatenation does."""
+    model = tiny_lm()
+    dynamic, static = IncrementalLM(model), StaticIncrementalLM(model)
+    gen = torch.Generator().manual_seed(0)
+    prompts = random_sequences(gen, 3)
+    assert_same(dynamic.start(prompts), static.start(prompts, reserve=6))
+    for _ in range(5):
+        tokens = torch.randint(3, VOCAB, (3,), generator=gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = dynamic.step(tokens), static.step(tokens)
+        torch.testing.assert_close(a.logits, b.logits, atol=2e-2, rtol=2e-2)

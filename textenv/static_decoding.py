@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedModel, StaticCache
+from transformers.cache_utils import StaticLayer
 
 from textenv.incremental import IncrementalLM, StepOutput
 from textenv.models import pad_left, position_ids_from_mask
@@ -36,6 +37,31 @@ DECODINGS = ("dynamic", "static", "compiled")
 
 DEFAULT_RESERVE = 64
 """Columns kept free for generated tokens when the caller does not say how many it will generate."""
+
+
+class DtypeStableStaticLayer(StaticLayer):
+    """A `StaticLayer` that casts what it stores to its buffers' dtype.
+
+    A decoder is prefilled when an episode starts (outside the agent's autocast) and stepped inside it:
+    under bf16 autocast the new keys are bf16 while the buffers, allocated at prefill, are float32, and
+    ``index_copy_`` refuses mixed dtypes. The dynamic cache's ``torch.cat`` promotes instead; this layer
+    does the same (attention under autocast casts its inputs back down).
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.is_initialized:
+            key_states, value_states = key_states.to(self.keys.dtype), value_states.to(self.values.dtype)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+
+def new_static_cache(model: PreTrainedModel, capacity: int) -> StaticCache:
+    """A transformers `StaticCache` of ``capacity`` columns whose full-attention layers keep one dtype."""
+    cache = StaticCache(config=model.config, max_cache_len=capacity)
+    cache.layers = [
+        DtypeStableStaticLayer(max_cache_len=capacity) if type(layer) is StaticLayer else layer
+        for layer in cache.layers
+    ]
+    return cache
 
 
 def default_compile_mode(device: torch.device) -> str:
@@ -96,7 +122,7 @@ class StaticIncrementalLM(IncrementalLM):
         if self.cache is not None and self.batch_size == batch and self.capacity == capacity:
             self.cache_mask.zero_()  # type: ignore[union-attr]
         else:
-            self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+            self.cache = new_static_cache(self.model, capacity)
             self.cache_mask = torch.zeros((batch, capacity), dtype=torch.long, device=self.device)
         self._set_length(0)
 
@@ -156,7 +182,7 @@ class StaticIncrementalLM(IncrementalLM):
         """Reallocate bigger buffers (a new shape: a compiled decode step recompiles once)."""
         old_cache, old_mask, length = self.cache, self.cache_mask, self.length
         assert old_cache is not None and old_mask is not None
-        self.cache = StaticCache(config=self.model.config, max_cache_len=capacity)
+        self.cache = new_static_cache(self.model, capacity)
         self.cache_mask = torch.zeros((old_mask.shape[0], capacity), dtype=torch.long, device=self.device)
         self.cache_mask[:, :length] = old_mask[:, :length]
         for layer, old in zip(self.cache.layers, old_cache.layers, strict=True):

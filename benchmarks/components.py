@@ -1,0 +1,76 @@
+"""Where a decode step's time goes: one cached forward, HF's sampling vs textenv's, the RM per step.
+
+Explains the rollout ratio of `benchmarks/rollout.py`. Per token, HF ``generate`` runs one forward and
+softmax + ``multinomial``, while textenv runs two forwards (policy and reference), inverse-CDF sampling,
+and the reward model once per finished sequence, which is spread here over the decode steps.
+
+    python benchmarks/components.py --shape small --batch 64 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from benchmarks.common import SHAPES, build, random_prompts, timed  # noqa: E402
+from textenv.incremental import IncrementalLM  # noqa: E402
+from textenv.rewards import RewardModelScorer  # noqa: E402
+from textenv.sampling import sample_tokens  # noqa: E402
+from textenv.static_decoding import make_decoder  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default="small")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = build(args.shape, args.prompt + args.new, args.device, torch.float32)
+    tokenizer, B, steps = models["tokenizer"], args.batch, args.new - 1
+    prompts = random_prompts(tokenizer, B, args.prompt)
+    completions = random_prompts(tokenizer, B, args.new, seed=1)
+    sequences = [torch.tensor(tokenizer(p)["input_ids"]) for p in prompts]
+    decoders = {"dynamic": IncrementalLM(models["policy"]), "compiled": make_decoder(models["policy"], "compiled")}
+    logits = torch.randn(B, len(tokenizer), device=args.device)
+    logprobs = torch.log_softmax(logits, -1)
+    scorer = RewardModelScorer(models["reward"], tokenizer, batch_size=B, normalize=False)
+
+    @torch.no_grad()
+    def decode(decoder: IncrementalLM) -> None:
+        decoder.start(sequences, reserve=args.new)
+        for _ in range(steps):
+            decoder.step(torch.full((B,), 5, device=args.device))
+
+    ms = {
+        "decode forward": timed(lambda: decode(decoders["dynamic"]), args.device, args.repeats)[0] / steps,
+        "decode forward, decoding='compiled'": timed(lambda: decode(decoders["compiled"]), args.device, args.repeats)[0]
+        / steps,
+        "HF sampling (softmax + multinomial)": timed(
+            lambda: torch.multinomial(torch.softmax(logits, -1), 1), args.device, args.repeats
+        )[0],
+        "textenv sampling (inverse CDF)": timed(lambda: sample_tokens(logprobs), args.device, args.repeats)[0],
+        "reward model, per step": timed(lambda: scorer(prompts, completions), args.device, args.repeats)[0]
+        / args.new,
+    }
+    print(f"shape={args.shape} batch={B} prompt={args.prompt} new={args.new} device={args.device}")
+    for name, seconds in ms.items():
+        print(f"{name:<40}: {1000 * seconds:8.2f} ms")
+    hf = ms["decode forward"] + ms["HF sampling (softmax + multinomial)"]
+    ours = 2 * ms["decode forward"] + ms["textenv sampling (inverse CDF)"] + ms["reward model, per step"]
+    print(f"per step, HF generate ~ {1000 * hf:.1f} ms; textenv ~ {1000 * ours:.1f} ms + KL and bookkeeping")
+    return {name: 1000 * seconds for name, seconds in ms.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every GPU figure issue 6 asks for, in one command, on one H100/H200 (GPT-2-small shape, prompt 64,
+# 128 new tokens, bf16): rollout vs HF generate at batch 64 and 256, per-token scaling, and a PPO
+# iteration vs TRL's PPOTrainer (episodes/s and peak memory) at batch 64 and 256.
+#
+#   bash benchmarks/gpu_wheels.sh              # here, once: wheels for packages the GPU image lacks
+#   bash benchmarks/gpu_suite.sh               # there, in the repository root (carry .whl)
+#
+# Output goes to $OUT (or benchmarks/results/), one log per benchmark, to be copied into docs/benchmarks.md.
+set -uo pipefail
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  | tee -a "$out/device.txt"
+gpt2="--shape gpt2 --prompt 64 --device cuda --bf16"
+run() {  # name, command...: log the command and its output; a failure does not stop the other benchmarks
+  local name=$1; shift
+  echo "\$ $*" | tee -a "$out/$name.txt"
+  "$@" 2>&1 | grep -v '^\[transformers\]' | tee -a "$out/$name.txt"
+}
+for batch in 64 256; do
+  for decoding in dynamic compiled; do
+    run rollout python3 benchmarks/rollout.py $gpt2 --new 128 --batch $batch --decoding $decoding
+  done
+done
+run scaling python3 benchmarks/scaling.py $gpt2 --batch 64 --lengths 32,64,128,256,512 --decoding compiled
+run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 --decoding compiled
+run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 256 --minibatches 4 --iterations 2 \
+  --decoding compiled

@@ -1,0 +1,38 @@
+"""The benchmark scripts run end to end on the tiny shape (their figures are measured by hand, not here)."""
+
+import math
+import types
+
+import pytest
+import torch
+
+from benchmarks import components, ppo_vs_trl, rollout, scaling
+from benchmarks.common import build, random_prompts
+
+
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+def test_rollout_benchmark_prints_a_ratio(decoding, capsys):
+    result = rollout.main(["--batch", "4", "--prompt", "4", "--new", "6", "--repeats", "1", "--decoding", decoding])
+    assert math.isfinite(result["ratio"]) and result["ratio"] > 0
+    assert "ratio textenv/HF" in capsys.readouterr().out
+
+
+def test_scaling_benchmark_reports_every_length():
+    rows = scaling.main(["--batch", "2", "--prompt", "4", "--lengths", "4,8", "--repeats", "1", "--decoding", "static"])
+    assert [r["new_tokens"] for r in rows] == [4, 8]
+    assert all(r["ms_per_step"] > 0 and r["uncached_ms_per_step"] > 0 for r in rows)
+
+
+def test_ppo_benchmark_textenv_side_runs_without_trl():
+    """TRL is an optional extra; textenv's side of the comparison must not need it."""
+    models = build("tiny", 12, "cpu", torch.float32)
+    prompts = random_prompts(models["tokenizer"], 4, 4)
+    args = types.SimpleNamespace(batch=4, minibatches=2, prompt=4, new=8, iterations=1, device="cpu", bf16=False,
+                                 decoding="static")  # fmt: skip
+    episodes_per_s, memory = ppo_vs_trl.run_textenv(models, prompts, args)
+    assert episodes_per_s > 0 and memory is None
+
+
+def test_components_benchmark_times_each_part():
+    ms = components.main(["--shape", "tiny", "--batch", "4", "--prompt", "4", "--new", "6", "--repeats", "1"])
+    assert len(ms) == 5 and all(v > 0 for v in ms.values())
