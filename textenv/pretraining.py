@@ -258,6 +258,12 @@ DEFAULT_BUDGETS: dict[str, PretrainBudget] = {
     "arithmetic": PretrainBudget(
         n_docs=20000, steps=800, batch_size=64, config=dict(n_embd=64, n_layer=2, n_head=4, n_positions=16)
     ),
+    "keywords": PretrainBudget(
+        n_docs=20000, steps=800, batch_size=64, config=dict(n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    ),
+    "reverse": PretrainBudget(
+        n_docs=20000, steps=800, batch_size=64, config=dict(n_embd=64, n_layer=2, n_head=4, n_positions=16)
+    ),
 }
 
 

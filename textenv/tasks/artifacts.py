@@ -68,14 +68,8 @@ DEFAULT_TASK_BUDGETS: dict[str, TaskBudget] = {
     "sentiment": TaskBudget(pretrain=DEFAULT_BUDGETS["sentiment"], n_prompts=8000, k=4, rm_steps=1500),
     "arithmetic": TaskBudget(pretrain=DEFAULT_BUDGETS["arithmetic"], n_prompts=2000, k=4, rm_steps=600),
     # programmatic rewards: stage 1 only; n_prompts x k samples measure the LM's gold reward for build.json
-    "keywords": TaskBudget(
-        pretrain=PretrainBudget(n_docs=20000, steps=800, batch_size=64, config=dict(n_embd=64, n_layer=2, n_head=4, n_positions=32)),
-        n_prompts=500, k=1,
-    ),
-    "reverse": TaskBudget(
-        pretrain=PretrainBudget(n_docs=20000, steps=800, batch_size=64, config=dict(n_embd=64, n_layer=2, n_head=4, n_positions=16)),
-        n_prompts=500, k=1,
-    ),
+    "keywords": TaskBudget(pretrain=DEFAULT_BUDGETS["keywords"], n_prompts=500, k=1),
+    "reverse": TaskBudget(pretrain=DEFAULT_BUDGETS["reverse"], n_prompts=500, k=1),
 }  # fmt: skip
 
 
