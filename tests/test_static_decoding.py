@@ -152,3 +152,20 @@ def test_static_cache_prefilled_in_float32_steps_under_bf16_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             a, b = dynamic.step(tokens), static.step(tokens)
         torch.testing.assert_close(a.logits, b.logits, atol=2e-2, rtol=2e-2)
+
+
+def test_restart_with_a_long_prompt_when_the_buffer_is_full_and_partly_dead():
+    """Compacting shortens the used part before the right shift: the long prompt must still fit exactly."""
+    model = tiny_lm()
+    dynamic, static = IncrementalLM(model), StaticIncrementalLM(model)
+    one = [torch.tensor([5]), torch.tensor([6])]
+    assert_same(dynamic.start(one), static.start(one, reserve=3))  # capacity 4
+    for token in (7, 8):
+        assert_same(dynamic.step(torch.tensor([token, token])), static.step(torch.tensor([token, token])))
+    for row in (0, 1):  # both rows restart: columns 0 and 1 go dead
+        assert_same(dynamic.replace_rows([row], [torch.tensor([9])]), static.replace_rows([row], [torch.tensor([9])]))
+    long = [torch.tensor([10, 11, 12, 13, 14])]  # longer than the whole buffer
+    assert_same(dynamic.replace_rows([0], long), static.replace_rows([0], long))
+    assert static.compactions == 1 and static.capacity >= 5
+    for token in (15, 16, 17):
+        assert_same(dynamic.step(torch.tensor([token, token])), static.step(torch.tensor([token, token])))

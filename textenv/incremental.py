@@ -22,6 +22,9 @@ from transformers import DynamicCache, PreTrainedModel
 
 from textenv.models import cache_keyword, output_cache, pad_left, position_ids_from_mask
 
+DEFAULT_RESERVE = 64
+"""Tokens a static cache keeps room for when the caller does not say how many will follow."""
+
 
 @dataclass
 class StepOutput:
@@ -87,7 +90,7 @@ class IncrementalLM:
         out, cache = self._forward(ids, mask, position_ids_from_mask(mask), DynamicCache())
         return out, cache, mask
 
-    def start(self, sequences: Sequence[torch.Tensor], reserve: int = 0) -> StepOutput:
+    def start(self, sequences: Sequence[torch.Tensor], reserve: int = DEFAULT_RESERVE) -> StepOutput:
         """Forget every row and prefill a new batch of 1-D id sequences.
 
         :param reserve: how many tokens will follow (a static cache preallocates them; this one grows).

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedModel
 
-from textenv.incremental import IncrementalLM, StepOutput
+from textenv.incremental import DEFAULT_RESERVE, IncrementalLM, StepOutput
 from textenv.sampling import SamplingConfig, sample_tokens
 from textenv.static_decoding import make_decoder
 
@@ -87,7 +87,7 @@ class PolicyLink:
         self._pending = None
 
     # ---------------------------------------------------------------------------------- env side
-    def start(self, sequences: Sequence[torch.Tensor], reserve: int = 0) -> None:
+    def start(self, sequences: Sequence[torch.Tensor], reserve: int = DEFAULT_RESERVE) -> None:
         """All rows begin new episodes with these prompt ids; ``reserve`` tokens will follow at most."""
         self._logprobs = None
         self._pending = None

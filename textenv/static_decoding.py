@@ -29,14 +29,12 @@ import torch
 from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from textenv.incremental import IncrementalLM, StepOutput
+from textenv.incremental import DEFAULT_RESERVE, IncrementalLM, StepOutput
 from textenv.models import pad_left, position_ids_from_mask
 
 DECODINGS = ("dynamic", "static", "compiled")
 """How `make_decoder` runs the decode step: growing cache (eager), static cache (eager), static + compiled."""
 
-DEFAULT_RESERVE = 64
-"""Columns kept free for generated tokens when the caller does not say how many it will generate."""
 
 
 class DtypeStableStaticLayer(StaticLayer):
@@ -157,8 +155,8 @@ class StaticIncrementalLM(IncrementalLM):
     def _shift_right(self, by: int) -> None:
         """Open ``by`` empty columns at the front (a restarted row's prompt is longer than the used part)."""
         assert self.cache_mask is not None
-        self._ensure_room(by)
         end = self.length + by
+        assert end <= self.capacity, "make room first"
         self.cache_mask[:, by:end] = self.cache_mask[:, : self.length].clone()
         self.cache_mask[:, :by] = 0
         for layer in self._initialized_layers():
@@ -238,6 +236,7 @@ class StaticIncrementalLM(IncrementalLM):
         new_out, new_cache, new_mask = self._prefill(sequences)
         n = new_mask.shape[1]
         if n > self.length:
+            self._ensure_room(n)  # compacting may shorten the used part, so make room for all n columns
             self._shift_right(n - self.length)
         index = torch.as_tensor(list(rows), device=self.device, dtype=torch.long)
         self.cache_mask[index, : self.length] = 0
