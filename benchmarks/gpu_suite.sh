@@ -26,9 +26,9 @@ run() {  # name, command...: log the command and its output; a failure does not 
   "$@" 2>&1 | grep -v '^\[transformers\]' | tee -a "$out/$name.txt"
 }
 for batch in 64 256; do
-  for decoding in dynamic compiled; do
-    run rollout python3 benchmarks/rollout.py $gpt2 --new 128 --batch $batch --decoding $decoding
-  done
+  run rollout python3 benchmarks/rollout.py $gpt2 --new 128 --batch $batch --decoding dynamic
+  TORCH_LOGS=graph_breaks,recompiles run rollout python3 benchmarks/rollout.py $gpt2 --new 128 --batch $batch \
+    --decoding compiled
 done
 run scaling python3 benchmarks/scaling.py $gpt2 --batch 64 --lengths 32,64,128,256,512 --decoding compiled
 run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 --decoding compiled

@@ -16,7 +16,7 @@ forward; with every shape fixed, ``mode="reduce-overhead"`` replays the whole st
   buffer fills, the leading columns no row attends to are dropped by an in-place shift (the buffers keep
   their addresses, which CUDA graphs need), and if that frees too little the buffer doubles once.
 
-``decoding="compiled"`` compiles the decode forward (``fullgraph``, static shapes): on CUDA with
+``decoding="compiled"`` compiles the decode forward (static shapes): on CUDA with
 ``mode="reduce-overhead"`` (CUDA graphs), on CPU with inductor's default mode. Compiling costs seconds per
 model and shape once, so it pays for long runs and benchmarks, not for a single short episode.
 """
@@ -62,6 +62,10 @@ def new_static_cache(model: PreTrainedModel, capacity: int) -> StaticCache:
     return cache
 
 
+RECOMPILE_LIMIT = 64
+"""Compiled decode variants (model × batch × cache capacity) kept before dynamo falls back to eager."""
+
+
 def default_compile_mode(device: torch.device) -> str:
     """CUDA graphs on CUDA (the launch overhead is the cost there); inductor's default elsewhere."""
     return "reduce-overhead" if device.type == "cuda" else "default"
@@ -73,7 +77,7 @@ class StaticIncrementalLM(IncrementalLM):
     :param model: a Hugging Face causal LM whose forward accepts a transformers `Cache`.
     :param output_hidden_states: also return the last-layer hidden state of the newest position.
     :param pad_token_id: id written into padding columns (never attended to).
-    :param compile: compile the decode forward with ``torch.compile`` (static shapes, full graph).
+    :param compile: compile the decode forward with ``torch.compile`` (static shapes).
     :param compile_mode: ``torch.compile`` mode; default `default_compile_mode` of the model's device.
     """
 
@@ -112,7 +116,14 @@ class StaticIncrementalLM(IncrementalLM):
         return out.logits[:, -1], hidden
 
     def _compiled_decode(self):
-        return torch.compile(self._eager_decode, mode=self.compile_mode, fullgraph=True, dynamic=False)
+        # Every decoder compiles this same method, and dynamo keeps at most `recompile_limit` (8) variants of
+        # one code object before it silently runs eagerly: a policy and a reference at a few cache shapes
+        # (growth, several response lengths in a benchmark) can pass 8. Each variant is a real shape.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        # Not fullgraph: like transformers' own CompileConfig, a graph break costs speed, not the run
+        # (TORCH_LOGS=graph_breaks,recompiles shows them; benchmarks/gpu_suite.sh sets it).
+        return torch.compile(self._eager_decode, mode=self.compile_mode, dynamic=False)
 
     # ------------------------------------------------------------------------------- cache buffers
     def _new_cache(self, batch: int, capacity: int) -> None:
