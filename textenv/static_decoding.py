@@ -38,18 +38,21 @@ DECODINGS = ("dynamic", "static", "compiled")
 
 
 class DtypeStableStaticLayer(StaticLayer):
-    """A `StaticLayer` that casts what it stores to its buffers' dtype.
+    """A `StaticLayer` that stores in its buffers' dtype and answers in the caller's.
 
     A decoder is prefilled when an episode starts (outside the agent's autocast) and stepped inside it:
     under bf16 autocast the new keys are bf16 while the buffers, allocated at prefill, are float32, and
-    ``index_copy_`` refuses mixed dtypes. The dynamic cache's ``torch.cat`` promotes instead; this layer
-    does the same (attention under autocast casts its inputs back down).
+    ``index_copy_`` refuses mixed dtypes (the dynamic cache's ``torch.cat`` promotes instead). This layer
+    casts what it stores to the buffers' dtype, and what it returns to the new keys' dtype, so attention
+    sees one dtype whichever way the autocast state changed.
     """
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        dtype = key_states.dtype
         if self.is_initialized:
             key_states, value_states = key_states.to(self.keys.dtype), value_states.to(self.values.dtype)
-        return super().update(key_states, value_states, *args, **kwargs)
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        return keys.to(dtype), values.to(dtype)
 
 
 def new_static_cache(model: PreTrainedModel, capacity: int) -> StaticCache:
