@@ -62,14 +62,16 @@ def collect_rollout(
     """
     start = time.perf_counter()
     T, B = env.engine.max_new_tokens, env.num_envs
-    env.reset(options=None if prompts is None else {"prompts": list(prompts)})
+    # One reward-model call for the whole batch, when its last episode ends (not one per step in which some
+    # episode ended); each score is then added at its episode's last token below.
+    env.reset(options={"defer_scores": True, **({} if prompts is None else {"prompts": list(prompts)})})
     device = link.model.device if link.model is not None else env.engine.device
     logprobs, values = torch.zeros(B, T, device=device), torch.zeros(B, T, device=device)
     actions = torch.zeros(B, T, dtype=torch.long, device=device)
     # What the env returns as NumPy stays on the host until the end: a copy to a GPU per step would make
     # the host wait for the GPU's queue every token.
     rewards, mask = np.zeros((B, T), dtype=np.float32), np.zeros((B, T), dtype=np.float32)
-    scores, episode_kl = np.zeros(B), np.zeros(B)
+    scores, episode_kl, last_step = np.zeros(B), np.zeros(B), np.zeros(B, dtype=int)
     for t in range(T):
         mask[:, t] = ~env.done
         with autocast():
@@ -82,10 +84,13 @@ def collect_rollout(
         _, step_rewards, terminated, _, info = env.step(tokens)
         rewards[:, t] = step_rewards
         if terminated.any():
-            scores[terminated] = info["score"][terminated]
+            last_step[terminated] = t
             episode_kl[terminated] = info["episode_kl"][terminated]
+        if "score" in info:
+            scores[info["_score"]] = info["score"][info["_score"]]
         if env.done.all():
             break
+    rewards[np.arange(B), last_step] += scores
     engine = env.engine
     mask_t, rewards_t = torch.as_tensor(mask, device=device), torch.as_tensor(rewards, device=device)
     return Rollout(

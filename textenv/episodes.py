@@ -41,7 +41,7 @@ class StepResult:
     ref_logprob: np.ndarray
     kl: np.ndarray
     kl_coef: float
-    scores: np.ndarray  # NaN except where an episode ended this step
+    scores: np.ndarray  # NaN except where an episode was scored this step (when it ended, or deferred)
     completions: dict[int, str] = field(default_factory=dict)
     episode_kl: np.ndarray | None = None  # total KL of the episodes that ended (NaN elsewhere)
 
@@ -131,6 +131,8 @@ class EpisodeBatch:
         self.episode_kl = np.zeros(B)
         self.history: list[list[TokenRecord]] = [[] for _ in range(B)]
         self.last_scores = np.full(B, np.nan)
+        self.defer_scores = False  # see `reset_rows`
+        self._unscored: list[int] = []  # ended episodes awaiting their score (when deferring)
         self._ref_logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------- policy
@@ -152,9 +154,17 @@ class EpisodeBatch:
         return [self.ids[r][self.mask[r].bool()] for r in range(self.num_rows)]
 
     # ------------------------------------------------------------------------------------- reset
-    def reset_rows(self, rows: Sequence[int], prompts: Sequence[Prompt]) -> None:
-        """Start new episodes in ``rows`` with these prompts; other rows keep running."""
+    def reset_rows(self, rows: Sequence[int], prompts: Sequence[Prompt], defer_scores: bool = False) -> None:
+        """Start new episodes in ``rows`` with these prompts; other rows keep running.
+
+        :param defer_scores: (all rows only) score this batch once, when its last episode ends: one reward
+            call per batch instead of one per step in which some episode ended. The step rewards then hold
+            only ``-β·KL_t``, and the scores come in that last step's `StepResult` for the caller to place
+            at each episode's last token, as batch RLHF trainers do.
+        """
         rows = list(rows)
+        if defer_scores and len(rows) != self.num_rows:
+            raise ValueError("defer_scores applies to a whole batch: reset every row")
         P = self.max_prompt_tokens
         for r, prompt in zip(rows, prompts, strict=True):
             n = len(prompt.ids)
@@ -171,6 +181,9 @@ class EpisodeBatch:
             self.history[r] = []
             self.last_scores[r] = np.nan
         sequences = [p.ids for p in prompts]
+        if len(rows) == self.num_rows:  # a new batch; a partial reset joins the current one
+            self.defer_scores = defer_scores
+            self._unscored = []
         if not self.started or len(rows) == self.num_rows:
             if len(rows) != self.num_rows:
                 raise RuntimeError("the first reset must start every row")
@@ -234,20 +247,27 @@ class EpisodeBatch:
         if (active & ~term_np).any():
             self._ref_logits = self.reference.step(actions).logits
 
-        # 5. score every episode that ended, in one batch.
-        scores = np.full(B, np.nan)
-        completions: dict[int, str] = {}
+        # 5. score every episode that ended, in one batch (or, deferring, every episode once all ended).
         ended = np.flatnonzero(term_np)
         episode_kl = np.full(B, np.nan)
-        if len(ended):
-            prompt_texts = [self.prompts[r].text for r in ended]  # type: ignore[union-attr]
-            completions = {int(r): self.completion_text(int(r)) for r in ended}
-            scores[ended] = self.reward_fn(prompt_texts, [completions[int(r)] for r in ended])
-            rewards[ended] += scores[ended]
-            self.done[ended] = True
-            self.last_scores[ended] = scores[ended]
-            episode_kl[ended] = self.episode_kl[ended]
-            self.kl_controller.update(float(self.episode_kl[ended].mean()), len(ended))
+        episode_kl[ended] = self.episode_kl[ended]
+        self.done[ended] = True
+        if self.defer_scores:
+            self._unscored.extend(int(r) for r in ended)
+            to_score = np.array(self._unscored if self.done.all() else [], dtype=int)
+        else:
+            to_score = ended
+        scores = np.full(B, np.nan)
+        completions: dict[int, str] = {}
+        if len(to_score):
+            prompt_texts = [self.prompts[r].text for r in to_score]  # type: ignore[union-attr]
+            completions = {int(r): self.completion_text(int(r)) for r in to_score}
+            scores[to_score] = self.reward_fn(prompt_texts, [completions[int(r)] for r in to_score])
+            if not self.defer_scores:
+                rewards[to_score] += scores[to_score]
+            self._unscored = []
+            self.last_scores[to_score] = scores[to_score]
+            self.kl_controller.update(float(self.episode_kl[to_score].mean()), len(to_score))
 
         actions_np = actions.cpu().numpy() if self.record_history else np.zeros(0)
         for r in np.flatnonzero(active) if self.record_history else ():

@@ -131,11 +131,22 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
         }
 
     def reset(self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None):
-        """Reset all rows, or those in ``options["reset_mask"]``; ``options["prompts"]`` gives the prompts."""
+        """Reset all rows, or those in ``options["reset_mask"]``; ``options["prompts"]`` gives the prompts.
+
+        ``options["defer_scores"] = True`` (autoreset ``"Disabled"``, all rows) scores the batch with one
+        reward call when its last episode ends, instead of once per step in which some episode ended. Step
+        rewards then hold only ``-β·KL_t``; that last step's ``infos["score"]`` carries every row's score,
+        to be added at each episode's last token (as `agents.rollout.collect_rollout` does).
+        """
         options = dict(options or {})
-        unknown = set(options) - {"prompts", "reset_mask"}
+        unknown = set(options) - {"prompts", "reset_mask", "defer_scores"}
         if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: 'prompts', 'reset_mask'")
+            raise ValueError(
+                f"unknown reset options {sorted(unknown)}; supported: 'prompts', 'reset_mask', 'defer_scores'"
+            )
+        defer = bool(options.get("defer_scores", False))
+        if defer and self.metadata["autoreset_mode"] != AutoresetMode.DISABLED:
+            raise ValueError("defer_scores needs autoreset_mode='Disabled' (a batch ends when all its rows end)")
         mask = (
             np.ones(self.num_envs, dtype=bool)
             if options.get("reset_mask") is None
@@ -145,6 +156,8 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
             raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
         if not self.engine.started and not mask.all():
             raise ValueError("the first reset must reset every row")
+        if defer and not mask.all():
+            raise ValueError("defer_scores applies to a whole batch: reset every row")
         if seed is not None:
             seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
             if len(seeds) != self.num_envs:
@@ -159,7 +172,7 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
             prompts = [self.prompt_source.encode(t) for t in texts]
         else:
             prompts = [self.prompt_source.sample(self._row_rngs[i], 1)[0] for i in rows]
-        self.engine.reset_rows(rows, prompts)
+        self.engine.reset_rows(rows, prompts, defer_scores=defer)
         self._autoreset[rows] = False
         texts = np.array([p.text for p in self.engine.prompts], dtype=object)
         return self._observations(), {"prompt": texts, "_prompt": mask.copy()}
@@ -214,16 +227,17 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
             "_kl_coef": np.ones(self.num_envs, dtype=bool),
         }
         ended = out.terminated
-        if ended.any():
+        scored = np.zeros(self.num_envs, dtype=bool)
+        scored[list(out.completions)] = True  # the rows that ended (or, deferring, the whole batch at its end)
+        if scored.any():
             text = np.full(self.num_envs, None, dtype=object)
             prompt = np.full(self.num_envs, None, dtype=object)
             for r, t in out.completions.items():
                 text[r] = t
                 prompt[r] = self.engine.prompts[r].text  # type: ignore[union-attr]
-            infos.update(
-                score=out.scores, _score=ended, text=text, _text=ended, prompt=prompt, _prompt=ended,
-                episode_kl=out.episode_kl, _episode_kl=ended,
-            )  # fmt: skip
+            infos.update(score=out.scores, _score=scored, text=text, _text=scored, prompt=prompt, _prompt=scored)
+        if ended.any():
+            infos.update(episode_kl=out.episode_kl, _episode_kl=ended)
         if resetting.any():
             infos["reset"] = resetting
             infos["_reset"] = resetting
