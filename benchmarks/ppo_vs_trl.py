@@ -126,11 +126,13 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     models = build(args.shape, args.prompt + args.new, args.device, torch.float32)
     config = models["policy"].config
     prompts = random_prompts(models["tokenizer"], args.batch, args.prompt)
-    ours, ours_mem = run_textenv(models, prompts, args)
-    gc.collect()  # textenv's agent and env are gone before TRL's peak is measured
+    # TRL first: a compiled textenv run must not leave anything (compiled kernels' threads, cached memory)
+    # behind that TRL's timing or peak memory would pay for.
+    trl, trl_mem = run_trl(models, prompts, args, config)
+    gc.collect()  # TRL's trainer is gone before textenv's peak is measured
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    trl, trl_mem = run_trl(models, prompts, args, config)
+    ours, ours_mem = run_textenv(models, prompts, args)
     print(f"shape={args.shape} batch={args.batch} minibatches={args.minibatches} prompt={args.prompt} new={args.new} "
           f"epochs=4 iterations={args.iterations} device={args.device} bf16={args.bf16} decoding={args.decoding}")  # fmt: skip
     print(f"TRL PPOTrainer : {trl:8.2f} episodes/s" + (f"  peak {trl_mem:.2f} GiB" if trl_mem is not None else ""))
