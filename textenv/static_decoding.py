@@ -36,7 +36,6 @@ DECODINGS = ("dynamic", "static", "compiled")
 """How `make_decoder` runs the decode step: growing cache (eager), static cache (eager), static + compiled."""
 
 
-
 class DtypeStableStaticLayer(StaticLayer):
     """A `StaticLayer` that stores in its buffers' dtype and answers in the caller's.
 
