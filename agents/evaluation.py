@@ -84,18 +84,18 @@ def evaluate_policy(
             autoreset_mode="Disabled", join=join,
         )  # fmt: skip
         link = env.bind_policy(PolicyLink(policy, sampling, pad_token_id=env.engine.pad_id))
-        env.reset(options={"prompts": chunk})
+        env.reset(options={"prompts": chunk, "defer_scores": True})  # one reward call per chunk
         kl = np.zeros(len(chunk))
         ref_lp_sum = np.zeros(len(chunk))
         score = np.zeros(len(chunk))
         while not env.done.all():
             assert link is not None
-            _, _, terminated, _, info = env.step(sample_tokens(link.logprobs().cpu(), generator))
+            _, _, _, _, info = env.step(sample_tokens(link.logprobs().cpu(), generator))
             active = info["_kl"]
             kl[active] += info["kl"][active]
             ref_lp_sum[active] += info["ref_logprob"][active]
-            if terminated.any():
-                score[terminated] = info["score"][terminated]
+            if "score" in info:
+                score[info["_score"]] = info["score"][info["_score"]]
         n_tokens = env.engine.gen_len.cpu().numpy()
         completions = [env.engine.completion_text(r) for r in range(len(chunk))]
         for r, prompt in enumerate(env.engine.prompts):

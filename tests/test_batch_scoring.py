@@ -85,3 +85,17 @@ def test_agent_rollout_puts_each_score_at_its_last_token():
     expected[torch.arange(8), lengths - 1] = torch.as_tensor(batch.scores, dtype=torch.float32)
     torch.testing.assert_close(batch.rewards, expected, atol=1e-6, rtol=0)
     assert batch.scores.any()
+
+
+def test_evaluation_scores_each_chunk_once_and_right():
+    from agents.evaluation import evaluate_policy
+    from textenv.toy import TOY_PROMPTS, toy_components
+
+    parts = toy_components(0)
+    reward = CountingReward()
+    result = evaluate_policy(parts["model"], parts["model"], parts["tokenizer"], reward, TOY_PROMPTS * 2, 6, 8,
+                             batch_size=4)  # fmt: skip
+    assert reward.calls == 3  # 12 prompts in chunks of 4: one reward call per chunk
+    samples = result.samples
+    rescored = reward.inner.score([s["prompt"] for s in samples], [s["completion"] for s in samples])
+    np.testing.assert_allclose([s["score"] for s in samples], rescored)
