@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # Every GPU figure issue 6 asks for, in one command, on one H100/H200 (GPT-2-small shape, prompt 64,
 # 128 new tokens, bf16): rollout vs HF generate at batch 64 and 256, per-token scaling, and a PPO
-# iteration vs TRL's PPOTrainer (episodes/s and peak memory) at batch 64 and 256.
+# iteration vs TRL's PPOTrainer (episodes/s and peak memory) at batch 64 and 256. Before them, the
+# static/compiled decode tests run on the GPU.
 #
 #   bash benchmarks/gpu_wheels.sh              # here, once: wheels for packages the GPU image lacks
 #   bash benchmarks/gpu_suite.sh               # there, in the repository root (carry .whl)
+#   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo
+#
+# Each compiled shape compiles once (tens of seconds on a GPU), so the whole suite can pass a 10-minute
+# limit per command: then run it in two calls, e.g. "tests rollout" and "scaling ppo".
 #
 # Output goes to $OUT (or benchmarks/results/), one log per benchmark, to be copied into docs/benchmarks.md.
 set -uo pipefail
+parts=${*:-tests rollout scaling ppo}
+want() { [[ " $parts " == *" $1 "* ]]; }
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1 TOKENIZERS_PARALLELISM=false
@@ -19,6 +26,11 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$out/device.txt"
+# First the numbers: the static and compiled (CUDA-graph) decode paths against the dynamic cache, on the GPU.
+if want tests; then
+  TEXTENV_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_static_decoding.py 2>&1 \
+    | tee "$out/gpu_tests.txt"
+fi
 gpt2="--shape gpt2 --prompt 64 --device cuda --bf16"
 run() {  # name, command...: log the command and its output; a failure does not stop the other benchmarks
   local name=$1; shift
@@ -26,11 +38,16 @@ run() {  # name, command...: log the command and its output; a failure does not 
   "$@" 2>&1 | grep -v '^\[transformers\]' | tee -a "$out/$name.txt"
 }
 for batch in 64 256; do
+  want rollout || break
   run rollout python3 benchmarks/rollout.py $gpt2 --new 128 --batch $batch --decoding dynamic
   TORCH_LOGS=graph_breaks,recompiles run rollout python3 benchmarks/rollout.py $gpt2 --new 128 --batch $batch \
     --decoding compiled
 done
-run scaling python3 benchmarks/scaling.py $gpt2 --batch 64 --lengths 32,64,128,256,512 --decoding compiled
-run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 --decoding compiled
-run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 256 --minibatches 4 --iterations 2 \
-  --decoding compiled
+if want scaling; then
+  run scaling python3 benchmarks/scaling.py $gpt2 --batch 64 --lengths 32,64,128,256,512 --decoding compiled
+fi
+if want ppo; then
+  run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 --decoding compiled
+  run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 256 --minibatches 4 --iterations 2 \
+    --decoding compiled
+fi

@@ -1,4 +1,10 @@
-"""The static-cache (and compiled) decode path gives the same numbers as the dynamic cache, restarts included."""
+"""The static-cache (and compiled) decode path gives the same numbers as the dynamic cache, restarts included.
+
+The tests run on the CPU. ``TEXTENV_TEST_DEVICE=cuda`` runs them on a GPU instead, where ``compiled`` means
+CUDA graphs (benchmarks/gpu_suite.sh does this first): a check of the GPU path's numbers, not only its speed.
+"""
+
+import os
 
 import numpy as np
 import pytest
@@ -9,16 +15,20 @@ from agents.value_head import PolicyWithValueHead
 from textenv import PolicyLink
 from textenv.incremental import IncrementalLM
 from textenv.models import build_tiny_causal_lm, tiny_gpt2_config
-from textenv.static_decoding import StaticIncrementalLM, make_decoder
+from textenv.static_decoding import StaticIncrementalLM, default_compile_mode, make_decoder
 from textenv.toy import make_toy_env, toy_components
 
 VOCAB = 40
+DEVICE = torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu"))
 
 
 def tiny_lm(seed: int = 0):
-    return build_tiny_causal_lm(
-        tiny_gpt2_config(VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=2), seed
-    )
+    config = tiny_gpt2_config(VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=2)
+    return build_tiny_causal_lm(config, seed).to(DEVICE)
+
+
+def toy_lm(seed: int):
+    return toy_components(seed)["model"].to(DEVICE)
 
 
 def random_sequences(gen: torch.Generator, n: int, low: int = 1, high: int = 9) -> list[torch.Tensor]:
@@ -81,24 +91,24 @@ def test_static_cache_is_reused_across_starts():
 
 
 def test_compiled_decode_step_matches_dynamic_cache():
-    """``torch.compile`` of the decode forward (inductor on CPU) gives the eager numbers."""
+    """``torch.compile`` of the decode forward (inductor on CPU, CUDA graphs on CUDA) gives the eager numbers."""
     model = tiny_lm()
     dynamic = IncrementalLM(model, output_hidden_states=True)
     compiled = make_decoder(model, "compiled", output_hidden_states=True)
-    assert isinstance(compiled, StaticIncrementalLM) and compiled.compile_mode == "default"
+    assert isinstance(compiled, StaticIncrementalLM) and compiled.compile_mode == default_compile_mode(DEVICE)
     drive([dynamic, compiled], steps=12, restart_every=5)
 
 
 def run_env(decoding: str, steps: int = 40) -> list[dict]:
-    venv = make_toy_env(4, stop_tokens=("good",), decoding=decoding)
-    link = venv.bind_policy(PolicyLink(toy_components(3)["model"], decoding=decoding))
+    venv = make_toy_env(4, stop_tokens=("good",), decoding=decoding, device=DEVICE)
+    link = venv.bind_policy(PolicyLink(toy_lm(3), decoding=decoding))
     venv.reset(seed=0)
     gen = torch.Generator().manual_seed(0)
     good = venv.tokenizer.convert_tokens_to_ids("good")
     records = []
     for _ in range(steps):
         tokens = link.sample(gen)
-        tokens[torch.rand(4, generator=gen) < 0.15] = good  # rows end at different times: NextStep resets
+        tokens[(torch.rand(4, generator=gen) < 0.15).to(tokens.device)] = good  # rows end at different times: NextStep resets
         _, rewards, terminated, _, info = venv.step(tokens)
         records.append(
             {"rewards": rewards, "terminated": terminated, **{k: info[k] for k in ("logprob", "kl")}}
@@ -106,8 +116,10 @@ def run_env(decoding: str, steps: int = 40) -> list[dict]:
     return records
 
 
-def test_vector_env_static_decoding_matches_dynamic_with_autoreset():
-    dynamic, static = run_env("dynamic"), run_env("static")
+@pytest.mark.parametrize("decoding", ["static", "compiled"])
+def test_vector_env_decoding_matches_dynamic_with_autoreset(decoding):
+    """Policy and reference decode side by side (compiled: two compiled decoders alternating)."""
+    dynamic, static = run_env("dynamic"), run_env(decoding)
     assert any(r["terminated"].any() for r in dynamic)
     for a, b in zip(dynamic, static, strict=True):
         np.testing.assert_array_equal(a["terminated"], b["terminated"])
@@ -118,9 +130,9 @@ def test_vector_env_static_decoding_matches_dynamic_with_autoreset():
 def test_ppo_rollout_is_the_same_with_static_decoding():
     batches = []
     for decoding in ("dynamic", "static"):
-        venv = make_toy_env(4, autoreset_mode="Disabled", decoding=decoding)
+        venv = make_toy_env(4, autoreset_mode="Disabled", decoding=decoding, device=DEVICE)
         agent = PPOAgent(
-            PolicyWithValueHead(toy_components(5)["model"]),
+            PolicyWithValueHead(toy_lm(5)),
             venv,
             PPOConfig(decoding=decoding, minibatch_size=4, micro_batch_size=4),
         )
@@ -147,11 +159,11 @@ def test_static_cache_across_a_change_of_autocast(autocast_at):
     dynamic, static = IncrementalLM(model), StaticIncrementalLM(model)
     gen = torch.Generator().manual_seed(0)
     prompts = random_sequences(gen, 3)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_at == "start"):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast_at == "start"):
         dynamic.start(prompts), static.start(prompts, reserve=6)
     for _ in range(5):
         tokens = torch.randint(3, VOCAB, (3,), generator=gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_at == "step"):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast_at == "step"):
             a, b = dynamic.step(tokens), static.step(tokens)
         torch.testing.assert_close(a.logits, b.logits, atol=3e-2, rtol=3e-2)
 

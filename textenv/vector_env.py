@@ -189,7 +189,7 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
             tensor = torch.from_numpy(array.astype(np.int64))
         if tuple(tensor.shape) != (self.num_envs,):
             raise InvalidActionError(f"actions must have shape ({self.num_envs},), got {tuple(tensor.shape)}")
-        low, high = int(tensor.min()), int(tensor.max())
+        low, high = torch.stack(torch.aminmax(tensor)).tolist()  # one device->host read
         if low < 0 or high >= self.engine.vocab_size:
             bad = low if low < 0 else high
             raise InvalidActionError(
