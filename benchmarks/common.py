@@ -6,8 +6,9 @@ model's vocabulary lets the env decode completions and the reward model re-token
 
 from __future__ import annotations
 
+import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -56,3 +57,39 @@ def timed(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, Any]
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best, result
+
+
+def benchmark_parser(
+    doc: str | None, shape: str = "tiny", batch: int = 64, new: int | None = 64, repeats: int | None = 3,
+    textenv: bool = True,
+) -> argparse.ArgumentParser:
+    """The arguments every benchmark script shares: shape, batch, lengths, device, threads, repeats.
+
+    :param new: default response length, or ``None`` for a script that sets lengths its own way.
+    :param repeats: default timed repeats, or ``None`` for a script that times something else.
+    :param textenv: add ``--bf16`` and ``--decoding`` (scripts that run a textenv rollout).
+    """
+    from textenv.static_decoding import DECODINGS
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=list(SHAPES), default=shape)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--prompt", type=int, default=16)
+    if new is not None:
+        parser.add_argument("--new", type=int, default=new)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (both sides)")
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats)
+    if textenv:
+        parser.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
+        parser.add_argument("--decoding", choices=DECODINGS, default="dynamic", help="textenv's KV cache / decode step")
+    return parser
+
+
+def parse_benchmark_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, and apply ``--threads``."""
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args

@@ -9,7 +9,6 @@ and the reward model once per finished sequence, which is spread here over the d
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from benchmarks.common import SHAPES, build, random_prompts, timed  # noqa: E402
+from benchmarks.common import benchmark_parser, build, parse_benchmark_args, random_prompts, timed  # noqa: E402
 from textenv.incremental import IncrementalLM  # noqa: E402
 from textenv.rewards import RewardModelScorer  # noqa: E402
 from textenv.sampling import sample_tokens  # noqa: E402
@@ -25,17 +24,7 @@ from textenv.static_decoding import make_decoder  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=list(SHAPES), default="small")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(benchmark_parser(__doc__, shape="small", textenv=False), argv)
     models = build(args.shape, args.prompt + args.new, args.device, torch.float32)
     tokenizer, B, steps = models["tokenizer"], args.batch, args.new - 1
     prompts = random_prompts(tokenizer, B, args.prompt)

@@ -13,7 +13,6 @@ With ``--decoding compiled`` one rollout runs before the timed iterations so tha
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import os
@@ -28,11 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from agents.ppo import PPOAgent, PPOConfig  # noqa: E402
 from agents.value_head import PolicyWithValueHead  # noqa: E402
-from benchmarks.common import SHAPES, build, random_prompts  # noqa: E402
+from benchmarks.common import benchmark_parser, build, parse_benchmark_args, random_prompts  # noqa: E402
 from textenv.kl import FixedKLController  # noqa: E402
 from textenv.models import build_tiny_reward_model  # noqa: E402
 from textenv.rewards import RewardModelScorer  # noqa: E402
-from textenv.static_decoding import DECODINGS  # noqa: E402
 from textenv.vector_env import TextGenerationVectorEnv  # noqa: E402
 
 
@@ -105,21 +103,11 @@ def run_trl(models, prompts, args, config) -> tuple[float, float | None]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float | None]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
-    parser.add_argument("--batch", type=int, default=16)
+    parser = benchmark_parser(__doc__, batch=16, new=32, repeats=None)
     parser.add_argument("--minibatches", type=int, default=1, help="minibatches per PPO epoch (both sides)")
-    parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--decoding", choices=DECODINGS, default="dynamic", help="textenv's KV cache / decode step")
-    args = parser.parse_args(argv)
+    args = parse_benchmark_args(parser, argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.batch % args.minibatches:
         parser.error("--minibatches must divide --batch")
     torch.manual_seed(0)

@@ -15,7 +15,6 @@ time is printed separately.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -27,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from agents.ppo import PPOAgent, PPOConfig
 from agents.value_head import PolicyWithValueHead
-from benchmarks.common import SHAPES, build, random_prompts, timed
+from benchmarks.common import benchmark_parser, build, parse_benchmark_args, random_prompts, timed
 from textenv.rewards import RewardModelScorer
-from textenv.static_decoding import DECODINGS
 from textenv.vector_env import TextGenerationVectorEnv
 
 
@@ -44,19 +42,7 @@ def rollout_agent(models, prompts, args) -> PPOAgent:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
-    parser.add_argument("--decoding", choices=DECODINGS, default="dynamic", help="textenv's KV cache / decode step")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (both sides)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(benchmark_parser(__doc__), argv)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     models = build(args.shape, args.prompt + args.new, args.device, dtype)

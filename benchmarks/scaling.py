@@ -12,7 +12,6 @@ With ``--decoding compiled`` each length is a new cache shape, compiled in the u
 
 from __future__ import annotations
 
-import argparse
 import sys
 import types
 from pathlib import Path
@@ -21,9 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from benchmarks.common import SHAPES, build, random_prompts, timed  # noqa: E402
+from benchmarks.common import benchmark_parser, build, parse_benchmark_args, random_prompts, timed  # noqa: E402
 from benchmarks.rollout import rollout_agent  # noqa: E402
-from textenv.static_decoding import DECODINGS  # noqa: E402
 
 
 def uncached_steps(model, ids: torch.Tensor, steps: int) -> None:
@@ -35,19 +33,9 @@ def uncached_steps(model, ids: torch.Tensor, steps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=list(SHAPES), default="tiny")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--prompt", type=int, default=16)
+    parser = benchmark_parser(__doc__, batch=16, new=None, repeats=2)
     parser.add_argument("--lengths", default="32,64,128,256,512")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
-    parser.add_argument("--decoding", choices=DECODINGS, default="dynamic", help="textenv's KV cache / decode step")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_benchmark_args(parser, argv)
     lengths = [int(x) for x in args.lengths.split(",")]
     models = build(args.shape, args.prompt + max(lengths), args.device, torch.bfloat16 if args.bf16 else torch.float32)
     prompts = random_prompts(models["tokenizer"], args.batch, args.prompt)

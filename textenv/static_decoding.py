@@ -238,8 +238,10 @@ class StaticIncrementalLM(IncrementalLM):
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
         logits, hidden = self._decode(tokens, self.cache_mask, positions)
         self.length += 1
-        # Copies, not views: a CUDA-graph replay overwrites its outputs in place on the next step.
-        return StepOutput(logits.float().clone(), None if hidden is None else hidden.float().clone())
+        logits, hidden = logits.float(), None if hidden is None else hidden.float()
+        if self.compile:  # copies, not views: a CUDA-graph replay overwrites its outputs on the next step
+            logits, hidden = logits.clone(), None if hidden is None else hidden.clone()
+        return StepOutput(logits, hidden)
 
     @torch.no_grad()
     def replace_rows(self, rows: Sequence[int], sequences: Sequence[torch.Tensor]) -> StepOutput:
