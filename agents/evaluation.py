@@ -97,7 +97,7 @@ def evaluate_policy(
             if "score" in info:
                 score[info["_score"]] = info["score"][info["_score"]]
         n_tokens = env.engine.gen_len.cpu().numpy()
-        completions = [env.engine.completion_text(r) for r in range(len(chunk))]
+        completions = env.engine.completion_texts(range(len(chunk)))
         for r, prompt in enumerate(env.engine.prompts):
             samples.append({"prompt": prompt.text, "completion": completions[r], "score": float(score[r]), "kl": float(kl[r])})  # type: ignore[union-attr]
         scores.append(score)

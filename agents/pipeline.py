@@ -32,6 +32,7 @@ from agents.value_head import PolicyWithValueHead
 from textenv.kl import AdaptiveKLController
 from textenv.models import load_causal_lm, load_reward_model, load_tokenizer, same_vocabulary
 from textenv.rewards import CallableReward, RewardFunction, RewardModelScorer
+from textenv.static_decoding import DECODINGS
 from textenv.tasks import get_task
 from textenv.vector_env import TextGenerationVectorEnv
 
@@ -65,6 +66,10 @@ class RLHFConfig:
     """Per-episode KL the adaptive controller aims for (nats)."""
     kl_horizon: int = 2000
     """Episodes for the adaptive controller to make a full correction."""
+    decoding: str = "dynamic"
+    """How the PPO rollouts decode: ``dynamic``, ``static`` or ``compiled`` (policy and reference LMs; with
+    ``compiled`` the reward model's forward is compiled too). See `textenv.static_decoding`: compiling costs
+    seconds up front and pays in long runs and on GPUs."""
     ppo: dict[str, Any] = field(default_factory=lambda: dict(learning_rate=2e-4, minibatch_size=16, micro_batch_size=16))
     """Extra `PPOConfig` fields."""
     eval_prompts: int = 256
@@ -127,6 +132,8 @@ def _stages_1_2(cfg: RLHFConfig, run_dir: Path, progress: bool, console: Console
 def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, console: Console | None = None) -> dict[str, Any]:
     """Run the main job; returns (and writes to ``summary.json``) the before/after figures."""
     console = console or Console()
+    if cfg.decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {DECODINGS}, got {cfg.decoding!r}")
     task = get_task(cfg.task)
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
@@ -146,13 +153,13 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
         rm, rm_tokenizer = load_reward_model(rm_path), load_tokenizer(rm_path)
         if not same_vocabulary(tokenizer, rm_tokenizer):
             console.print("note: the reward model has its own tokenizer; completions are re-tokenised as text for it")
-        scorer = RewardModelScorer(rm, rm_tokenizer, join=task.join)
-    ppo_config = PPOConfig(**{"total_iterations": cfg.iterations, "seed": cfg.seed, **cfg.ppo})
+        scorer = RewardModelScorer(rm, rm_tokenizer, join=task.join, compile=cfg.decoding == "compiled")
+    ppo_config = PPOConfig(**{"total_iterations": cfg.iterations, "seed": cfg.seed, "decoding": cfg.decoding, **cfg.ppo})
     env = TextGenerationVectorEnv(
         reference, scorer, task.prompts, num_envs=cfg.num_envs, tokenizer=tokenizer,
         max_prompt_tokens=task.max_prompt_tokens, max_new_tokens=task.max_new_tokens,
         kl_coef=AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon), autoreset_mode="Disabled",
-        join=task.join,
+        join=task.join, decoding=ppo_config.decoding,
     )  # fmt: skip
     policy = PolicyWithValueHead(copy.deepcopy(reference))
     agent = PPOAgent(policy, env, ppo_config, gold_reward=task.gold_reward)

@@ -72,6 +72,7 @@ def collect_rollout(
     # the host wait for the GPU's queue every token.
     rewards, mask = np.zeros((B, T), dtype=np.float32), np.zeros((B, T), dtype=np.float32)
     scores, episode_kl, last_step = np.zeros(B), np.zeros(B), np.zeros(B, dtype=int)
+    completions: list[str | None] = [None] * B  # the texts the reward function scored
     for t in range(T):
         mask[:, t] = ~env.done
         with autocast():
@@ -88,6 +89,8 @@ def collect_rollout(
             episode_kl[terminated] = info["episode_kl"][terminated]
         if "score" in info:
             scores[info["_score"]] = info["score"][info["_score"]]
+            for r in np.flatnonzero(info["_text"]):
+                completions[r] = info["text"][r]
         if env.done.all():
             break
     rewards[np.arange(B), last_step] += scores
@@ -105,7 +108,7 @@ def collect_rollout(
         scores=scores,
         kl=episode_kl,
         prompts=[p.text for p in engine.prompts],  # type: ignore[union-attr]
-        completions=[engine.completion_text(r) for r in range(B)],
+        completions=[text if text is not None else engine.completion_text(r) for r, text in enumerate(completions)],
         seconds=time.perf_counter() - start,
     )
 

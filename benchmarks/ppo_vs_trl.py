@@ -51,7 +51,7 @@ def run_textenv(models, prompts, args) -> tuple[float, float | None]:
     reference = copy.deepcopy(models["reference"]).to(frozen_dtype)
     reward = copy.deepcopy(models["reward"]).to(frozen_dtype)
     env = TextGenerationVectorEnv(
-        reference, RewardModelScorer(reward, models["tokenizer"], batch_size=len(prompts)),
+        reference, RewardModelScorer(reward, models["tokenizer"], batch_size=len(prompts), compile=args.decoding == "compiled"),
         prompts, num_envs=len(prompts), tokenizer=models["tokenizer"], max_prompt_tokens=args.prompt,
         max_new_tokens=args.new, kl_coef=FixedKLController(0.05), autoreset_mode="Disabled",
         decoding=args.decoding,

@@ -33,7 +33,7 @@ from textenv.vector_env import TextGenerationVectorEnv
 
 def rollout_agent(models, prompts, args) -> PPOAgent:
     env = TextGenerationVectorEnv(
-        models["reference"], RewardModelScorer(models["reward"], models["tokenizer"], batch_size=len(prompts)),
+        models["reference"], RewardModelScorer(models["reward"], models["tokenizer"], batch_size=len(prompts), compile=args.decoding == "compiled"),
         prompts, num_envs=len(prompts), tokenizer=models["tokenizer"], max_prompt_tokens=args.prompt,
         max_new_tokens=args.new, autoreset_mode="Disabled", decoding=args.decoding,
     )  # fmt: skip

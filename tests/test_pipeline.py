@@ -5,6 +5,7 @@ import json
 import pytest
 
 from agents.pipeline import RLHFConfig, run_rlhf
+from textenv.cli import main
 
 TINY = dict(
     iterations=2, num_envs=8, eval_prompts=16, checkpoint_every=1,
@@ -48,12 +49,19 @@ def test_bad_main_job_configs(tmp_path):
         run_rlhf(RLHFConfig(run_dir=str(tmp_path / "b"), stage_budget={"n_prompt": 3}), progress=False)
     with pytest.raises(ValueError, match="--rm needs --lm"):
         run_rlhf(RLHFConfig(run_dir=str(tmp_path / "c"), rm="some/rm"), progress=False)
+    with pytest.raises(ValueError, match="decoding must be one of"):
+        run_rlhf(RLHFConfig(run_dir=str(tmp_path / "d"), decoding="fast"), progress=False)
+    assert not (tmp_path / "d").exists()  # refused before anything was written
+    # The command line passes --decoding through to the same check (exit code 2, the message on stderr).
+    assert main(["rlhf", "--run-dir", str(tmp_path / "e"), "--decoding", "fast"]) == 2
+    assert not (tmp_path / "e").exists()
 
 
 def test_main_job_on_a_task_with_a_programmatic_reward(tmp_path):
-    """Reverse has a verifiable reward: no stage 2, PPO trains on the task's own reward."""
+    """Reverse has a verifiable reward: no stage 2, PPO trains on the task's own reward (static KV caches)."""
     budget = {"pretrain": {"n_docs": 400, "n_heldout": 50, "steps": 30}}
-    cfg = RLHFConfig(task="reverse", run_dir=str(tmp_path / "rev"), **{**TINY, "stage_budget": budget})
+    cfg = RLHFConfig(task="reverse", run_dir=str(tmp_path / "rev"), decoding="static", **{**TINY, "stage_budget": budget})
     summary = run_rlhf(cfg, progress=False)
+    assert json.loads((tmp_path / "rev" / "rlhf_config.json").read_text())["decoding"] == "static"
     assert not (tmp_path / "rev" / "models" / "rm").exists()
     assert summary["before"]["score"] == summary["before"]["gold"]  # the reward is the gold reward itself

@@ -41,6 +41,23 @@ def test_reward_model_scores_last_real_token_whatever_the_padding(tokenizer):
         assert s == pytest.approx(float(alone), abs=1e-5)
 
 
+def test_compiled_reward_model_scores_like_the_eager_one_at_every_shape(tokenizer):
+    """``compile=True`` (dynamic shapes) must give the eager scores for batches of other sizes and lengths."""
+    rm = build_tiny_reward_model(
+        tiny_gpt2_config(len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=3
+    )
+    eager = RewardModelScorer(rm, tokenizer, normalize=False, batch_size=3)
+    compiled = RewardModelScorer(rm, tokenizer, normalize=False, batch_size=3, compile=True)
+    prompts = ["the movie was", "this film", "a", "the plot"]  # chunks of 3 and 1 rows, lengths differ
+    completions = ["very good .", "was really really awful and boring .", "good", "was"]
+    for n in (4, 2):
+        expected = eager(prompts[:n], completions[:n])
+        assert compiled(prompts[:n], completions[:n]) == pytest.approx(expected.tolist(), abs=1e-5)
+    with torch.no_grad():
+        rm.score.weight.add_(1.0)  # the compiled forward reads the live weights (a trained RM), not a copy
+    assert compiled(prompts, completions) == pytest.approx(eager(prompts, completions).tolist(), abs=1e-5)
+
+
 def test_reward_model_normalisation_from_config(tokenizer):
     rm = build_tiny_reward_model(
         tiny_gpt2_config(len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2)

@@ -207,6 +207,9 @@ def add_rlhf(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preferences", help="train the RM on this preference JSONL (skips simulated labelling)")
     p.add_argument("--iterations", type=int, help="PPO iterations")
     p.add_argument("--num-envs", type=int, help="episodes per PPO iteration")
+    p.add_argument(
+        "--decoding", help="rollout KV cache and decode step: dynamic (default), static or compiled (torch.compile)"
+    )
     p.add_argument("--config", type=Path, help="JSON or YAML file of RLHFConfig fields")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir where it stopped")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -243,7 +246,7 @@ def run_rlhf(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown RLHF config fields {unknown}; valid: {sorted(fields)}")
     # Flags given on the command line override the config file; the rest keep RLHFConfig's defaults.
-    for name in ("task", "run_dir", "seed", "lm", "rm", "preferences", "iterations", "num_envs"):
+    for name in ("task", "run_dir", "seed", "lm", "rm", "preferences", "iterations", "num_envs", "decoding"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     run_rlhf(RLHFConfig(**values), resume=args.resume)

@@ -177,6 +177,9 @@ class RewardModelScorer(RewardFunction):
     :param join: how prompt and completion become one text.
     :param batch_size: episodes per RM forward.
     :param max_length: longest input in RM tokens (truncated from the left, keeping the completion).
+    :param compile: run the RM's forward through ``torch.compile`` with dynamic shapes (one compile, of
+        about 10 s for a small model on a CPU, serves every batch size and length). Scoring the batch is
+        then ~1.5x faster on a CPU; it pays in long runs and benchmarks, not in a short episode.
     """
 
     def __init__(
@@ -188,8 +191,11 @@ class RewardModelScorer(RewardFunction):
         join: Callable[[str, str], str] = join_text,
         batch_size: int = 64,
         max_length: int | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model.eval()
+        # Shares the model's parameters; compiled on the first call. Dynamic shapes: the batches' lengths vary.
+        self._forward = torch.compile(self.model, dynamic=True) if compile else self.model
         self.tokenizer = tokenizer
         self.label_index = label_index
         self.join = join
@@ -233,7 +239,7 @@ class RewardModelScorer(RewardFunction):
                 truncation_side="left",
             ).to(device)
             positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(**enc, position_ids=positions).logits
+            logits = self._forward(**enc, position_ids=positions).logits
             out.append(logits[:, self.label_index].float().cpu())
         return torch.cat(out)
 

@@ -23,6 +23,8 @@ model and shape once, so it pays for long runs and benchmarks, not for a single 
 
 from __future__ import annotations
 
+import itertools
+import types
 from collections.abc import Sequence
 
 import torch
@@ -65,7 +67,9 @@ def new_static_cache(model: PreTrainedModel, capacity: int) -> StaticCache:
 
 
 RECOMPILE_LIMIT = 64
-"""Compiled decode variants (model × batch × cache capacity) kept before dynamo falls back to eager."""
+"""Compiled variants (batch × cache capacity × autocast) one decoder keeps before dynamo runs it eagerly."""
+
+_DECODER_IDS = itertools.count()
 
 
 def default_compile_mode(device: torch.device) -> str:
@@ -118,14 +122,19 @@ class StaticIncrementalLM(IncrementalLM):
         return out.logits[:, -1], hidden
 
     def _compiled_decode(self):
-        # Every decoder compiles this same method, and dynamo keeps at most `recompile_limit` (8) variants of
-        # one code object before it silently runs eagerly: a policy and a reference at a few cache shapes
-        # (growth, several response lengths in a benchmark) can pass 8. Each variant is a real shape.
+        # Dynamo keeps its compiled graphs, and checks their guards on every call, per *code object*. Were
+        # every decoder to compile the same method, a reference decoder's call would first evaluate (and
+        # fail) the policy's guards, about 0.1 ms each on the CPU, and the shared cache would hit
+        # `recompile_limit` (8 variants) after a few models and shapes, then silently run eagerly. A copy of
+        # the method's code per decoder gives each its own cache.
+        code = StaticIncrementalLM._eager_decode.__code__
+        own_code = code.replace(co_name=f"{code.co_name}_{next(_DECODER_IDS)}")
+        decode = types.MethodType(types.FunctionType(own_code, globals(), own_code.co_name), self)
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         # Not fullgraph: like transformers' own CompileConfig, a graph break costs speed, not the run
         # (TORCH_LOGS=graph_breaks,recompiles shows them; benchmarks/gpu_suite.sh sets it).
-        return torch.compile(self._eager_decode, mode=self.compile_mode, dynamic=False)
+        return torch.compile(decode, mode=self.compile_mode, dynamic=False)
 
     # ------------------------------------------------------------------------------- cache buffers
     def _new_cache(self, batch: int, capacity: int) -> None:
