@@ -103,7 +103,7 @@ class IncrementalLM:
         """Append one token ``(B,)`` to every row and return the next-token outputs."""
         if self.cache is None or self.cache_mask is None:
             raise RuntimeError("IncrementalLM.step called before start()")
-        tokens = tokens.to(self.device).long().view(-1, 1)
+        tokens = tokens.to(self.cache_mask.device).long().view(-1, 1)
         positions = self.cache_mask.sum(-1, keepdim=True)
         self.cache_mask = torch.cat([self.cache_mask, torch.ones_like(tokens)], dim=1)
         out, self.cache = self._forward(tokens, self.cache_mask, positions, self.cache)

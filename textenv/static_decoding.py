@@ -238,7 +238,7 @@ class StaticIncrementalLM(IncrementalLM):
         if self.cache is None or self.cache_mask is None:
             raise RuntimeError("IncrementalLM.step called before start()")
         self._ensure_room(1)
-        tokens = tokens.to(self.device).long().view(-1, 1)
+        tokens = tokens.to(self.cache_mask.device).long().view(-1, 1)
         positions = self.cache_mask.sum(-1, keepdim=True)
         self.cache_mask[:, self.length] = 1
         self.forward_calls += 1
