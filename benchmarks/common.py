@@ -59,6 +59,28 @@ def timed(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, Any]
     return best, result
 
 
+def timed_alternating(
+    fns: dict[str, Callable[[], Any]], device: str, repeats: int
+) -> dict[str, tuple[float, Any]]:
+    """Best wall time (and last result) of each function, timing them in turns: A, B, A, B, ...
+
+    Each function must have been warmed up. On a shared machine, speed drifts by 10-30% over seconds;
+    timing the sides in turns exposes both to the same drift, so their ratio is steadier than when one
+    side's runs all come before the other's.
+    """
+    best = {name: (float("inf"), None) for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = fn()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best[name] = (min(best[name][0], time.perf_counter() - start), result)
+    return best
+
+
 def benchmark_parser(
     doc: str | None, shape: str = "tiny", batch: int = 64, new: int | None = 64, repeats: int | None = 3,
     textenv: bool = True,

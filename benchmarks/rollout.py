@@ -10,7 +10,8 @@ fast as plain generation. Throughput counts ``batch × decode steps`` for both.
     python benchmarks/rollout.py --shape gpt2 --batch 64 --prompt 64 --new 128 --device cuda --bf16 --decoding compiled
 
 The first (warm-up) run of each side is not timed, so ``compiled`` reports its steady state; its compile
-time is printed separately.
+time is printed separately. The two sides are then timed in turns (HF, textenv, HF, ...; best of
+``--repeats`` each), so drift in a shared machine's speed hits both alike.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from agents.ppo import PPOAgent, PPOConfig
 from agents.value_head import PolicyWithValueHead
-from benchmarks.common import benchmark_parser, build, parse_benchmark_args, random_prompts, timed
+from benchmarks.common import benchmark_parser, build, parse_benchmark_args, random_prompts, timed_alternating
 from textenv.rewards import RewardModelScorer
 from textenv.vector_env import TextGenerationVectorEnv
 
@@ -42,7 +43,7 @@ def rollout_agent(models, prompts, args) -> PPOAgent:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = parse_benchmark_args(benchmark_parser(__doc__), argv)
+    args = parse_benchmark_args(benchmark_parser(__doc__, repeats=5), argv)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     models = build(args.shape, args.prompt + args.new, args.device, dtype)
@@ -63,12 +64,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         batch = agent.rollout()
         return int((batch.mask.sum(0) > 0).sum())  # decode steps taken
 
-    # HF first: compiled kernels (their OpenMP threads, on CPU) must not share the machine with its timing.
-    hf_time, hf_steps = timed(hf_generate, args.device, args.repeats)
+    hf_generate()  # warm-up, before anything is compiled in the process
     first = time.perf_counter()
-    textenv_rollout()  # compiles the decode steps with --decoding compiled
+    textenv_rollout()  # compiles the decode steps (and the RM) with --decoding compiled
     first = time.perf_counter() - first
-    te_time, te_steps = timed(textenv_rollout, args.device, args.repeats)
+    best = timed_alternating({"hf": hf_generate, "textenv": textenv_rollout}, args.device, args.repeats)
+    (hf_time, hf_steps), (te_time, te_steps) = best["hf"], best["textenv"]
     hf_tps = args.batch * hf_steps / hf_time
     te_tps = args.batch * te_steps / te_time
     print(f"shape={args.shape} batch={args.batch} prompt={args.prompt} new={args.new} device={args.device} "

@@ -41,7 +41,7 @@ class SamplingConfig:
 
     def logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         """Log-probs ``(..., V)`` of the sampling distribution; tokens filtered out get ``-inf``."""
-        logits = logits.float() / self.temperature
+        logits = logits.float() if self.temperature == 1.0 else logits.float() / self.temperature
         if self.top_k and self.top_k < logits.shape[-1]:
             kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))

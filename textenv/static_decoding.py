@@ -103,6 +103,8 @@ class StaticIncrementalLM(IncrementalLM):
             )
         self.compile = compile
         self.compile_mode = compile_mode or default_compile_mode(self.device)
+        # The torch.compile modes that replay CUDA graphs, whose outputs live in memory the next replay reuses.
+        self._cuda_graphs = compile and self.compile_mode in ("reduce-overhead", "max-autotune")
         self.cache: StaticCache | None = None  # type: ignore[assignment]
         self.length = 0  # the column the next token is written to (= columns in use)
         self._decode = self._compiled_decode() if compile else self._eager_decode
@@ -243,12 +245,12 @@ class StaticIncrementalLM(IncrementalLM):
         self.cache_mask[:, self.length] = 1
         self.forward_calls += 1
         self.tokens_processed += tokens.numel()
-        if self.compile:
+        if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
         logits, hidden = self._decode(tokens, self.cache_mask, positions)
         self.length += 1
         logits, hidden = logits.float(), None if hidden is None else hidden.float()
-        if self.compile:  # copies, not views: a CUDA-graph replay overwrites its outputs on the next step
+        if self._cuda_graphs:  # copies, not views: a CUDA-graph replay overwrites its outputs on the next step
             logits, hidden = logits.clone(), None if hidden is None else hidden.clone()
         return StepOutput(logits, hidden)
 
