@@ -85,6 +85,11 @@ def test_agent_rollout_puts_each_score_at_its_last_token():
     expected[torch.arange(8), lengths - 1] = torch.as_tensor(batch.scores, dtype=torch.float32)
     torch.testing.assert_close(batch.rewards, expected, atol=1e-6, rtol=0)
     assert batch.scores.any()
+    # The recorded completions are the texts that were scored, and each is its row's generated tokens.
+    np.testing.assert_allclose(env.engine.reward_fn(batch.prompts, batch.completions), batch.scores)
+    tokenizer = env.engine.tokenizer
+    for r, text in enumerate(batch.completions):
+        assert text == tokenizer.decode(batch.actions[r, : lengths[r]].tolist(), skip_special_tokens=True)
 
 
 def test_evaluation_scores_each_chunk_once_and_right():

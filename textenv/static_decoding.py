@@ -125,10 +125,10 @@ class StaticIncrementalLM(IncrementalLM):
 
     def _compiled_decode(self):
         # Dynamo keeps its compiled graphs, and checks their guards on every call, per *code object*. Were
-        # every decoder to compile the same method, a reference decoder's call would first evaluate (and
-        # fail) the policy's guards, about 0.1 ms each on the CPU, and the shared cache would hit
-        # `recompile_limit` (8 variants) after a few models and shapes, then silently run eagerly. A copy of
-        # the method's code per decoder gives each its own cache.
+        # every decoder to compile the same method, a reference decoder's call could first evaluate (and
+        # fail) the policy's guards, and the shared cache would reach `recompile_limit` (8 variants) after a
+        # few models and shapes, then silently run eagerly. A copy of the method's code per decoder gives
+        # each decoder its own cache and its own limit.
         code = StaticIncrementalLM._eager_decode.__code__
         own_code = code.replace(co_name=f"{code.co_name}_{next(_DECODER_IDS)}")
         decode = types.MethodType(types.FunctionType(own_code, globals(), own_code.co_name), self)
