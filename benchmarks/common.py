@@ -46,17 +46,8 @@ def random_prompts(tokenizer, batch: int, length: int, seed: int = 0) -> list[st
 
 def timed(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, Any]:
     """Best wall time of ``repeats`` runs after one warm-up (synchronising CUDA around each)."""
-    result = fn()
-    best = float("inf")
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+    fn()
+    return timed_alternating({"fn": fn}, device, repeats)["fn"]
 
 
 def timed_alternating(
