@@ -94,6 +94,9 @@ def collect_rollout(
         if env.done.all():
             break
     rewards[np.arange(B), last_step] += scores
+    missing = [r for r, text in enumerate(completions) if text is None]  # none when every row was scored
+    for r, text in zip(missing, env.engine.completion_texts(missing), strict=True):
+        completions[r] = text
     engine = env.engine
     mask_t, rewards_t = torch.as_tensor(mask, device=device), torch.as_tensor(rewards, device=device)
     return Rollout(
@@ -108,7 +111,7 @@ def collect_rollout(
         scores=scores,
         kl=episode_kl,
         prompts=[p.text for p in engine.prompts],  # type: ignore[union-attr]
-        completions=[text if text is not None else engine.completion_text(r) for r, text in enumerate(completions)],
+        completions=[str(text) for text in completions],
         seconds=time.perf_counter() - start,
     )
 

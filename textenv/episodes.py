@@ -293,7 +293,7 @@ class EpisodeBatch:
         return self.tokenizer.batch_decode([[i for i in ids if i < known] for ids in lists], skip_special_tokens=True)
 
     def completion_text(self, row: int) -> str:
-        return self.completion_texts([row])[0]
+        return self.decode(self.completion_ids(row))
 
     def completion_texts(self, rows: Sequence[int]) -> list[str]:
         """The generated text of ``rows``, read from the device in one copy."""
