@@ -6,7 +6,7 @@
 #
 #   bash benchmarks/gpu_wheels.sh              # here, once: wheels for packages the GPU image lacks
 #   bash benchmarks/gpu_suite.sh               # there, in the repository root (carry .whl)
-#   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo
+#   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo (and profile)
 #
 # Each compiled shape compiles once (tens of seconds on a GPU), so the whole suite can pass a 10-minute
 # limit per command: then run it in two calls, e.g. "tests rollout" and "scaling ppo".
@@ -45,6 +45,11 @@ for batch in 64 256; do
 done
 if want scaling; then
   run scaling python3 benchmarks/scaling.py $gpt2 --batch 64 --lengths 32,64,128,256,512 --decoding compiled
+fi
+if want profile; then  # not in the default parts: where a compiled rollout's time goes, for tuning
+  for batch in 64 256; do
+    run profile_$batch python3 benchmarks/profile_rollout.py $gpt2 --new 128 --batch $batch --decoding compiled
+  done
 fi
 if want ppo; then
   run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 --decoding compiled

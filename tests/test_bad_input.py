@@ -125,6 +125,28 @@ def test_vector_env_bad_actions():
     venv.step(np.array([3, 4, 5]))
 
 
+@pytest.mark.parametrize("bad", [-1, 99999])
+def test_vector_env_out_of_range_tensor_action_changes_nothing(bad):
+    """The range is checked in the step's one device read, after the new state is computed out of place:
+    the failed step must leave every row, the KL sums and the reference cache as a twin env's that never saw it."""
+    venv, twin = make_toy_env(3), make_toy_env(3)
+    venv.reset(seed=0)
+    twin.reset(seed=0)
+    for env in (venv, twin):
+        env.step(torch.tensor([3, 4, 5]))
+    with pytest.raises(InvalidActionError, match=f"action {bad} is outside the action space"):
+        venv.step(torch.tensor([6, bad, 7]))
+    obs, rewards, terminated, _, info = venv.step(torch.tensor([6, 8, 7]))
+    twin_obs, twin_rewards, twin_terminated, _, twin_info = twin.step(torch.tensor([6, 8, 7]))
+    for key in obs:
+        np.testing.assert_array_equal(obs[key], twin_obs[key])
+    np.testing.assert_allclose(rewards, twin_rewards, rtol=1e-6)
+    np.testing.assert_array_equal(terminated, twin_terminated)
+    np.testing.assert_allclose(info["ref_logprob"], twin_info["ref_logprob"], rtol=1e-6)
+    np.testing.assert_allclose(venv.engine.episode_kl, twin.engine.episode_kl, rtol=1e-6)
+    assert obs["input_ids"][1, venv.engine.max_prompt_tokens + 1] == 8
+
+
 def test_policy_with_wrong_vocabulary_is_refused():
     from textenv.models import build_tiny_causal_lm, tiny_gpt2_config
 

@@ -18,6 +18,7 @@ from gymnasium import spaces
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from textenv.episodes import EpisodeBatch
+from textenv.errors import EpisodeEndedError, InvalidActionError
 from textenv.kl import AdaptiveKLController, FixedKLController
 from textenv.models import load_causal_lm, load_tokenizer
 from textenv.policy_link import PolicyLink
@@ -26,14 +27,6 @@ from textenv.render import render_row
 from textenv.rewards import CallableReward, RewardFunction, join_text
 
 PromptsLike = PromptSource | Sequence[str] | str | Path | Callable[[np.random.Generator, int], list[str]]
-
-
-class EpisodeEndedError(RuntimeError):
-    """`step` was called on an episode that already ended (call `reset`)."""
-
-
-class InvalidActionError(ValueError):
-    """An action is not a token id of the action space."""
 
 
 def build_engine(
@@ -247,10 +240,8 @@ class TextGenerationEnv(EngineAccess, gym.Env):
 
     # ------------------------------------------------------------------------------------- API
     def _observation(self) -> dict[str, np.ndarray]:
-        return {
-            "input_ids": self.engine.ids[0].cpu().numpy().copy(),
-            "attention_mask": self.engine.mask[0].cpu().numpy().copy(),
-        }
+        ids, mask = self.engine.observation()
+        return {"input_ids": ids[0], "attention_mask": mask[0]}
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)

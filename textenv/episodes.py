@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from textenv.errors import InvalidActionError
+from textenv.host_transfer import to_device, to_host
 from textenv.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
 from textenv.models import action_space_size, model_device
 from textenv.policy_link import PolicyLink
@@ -133,6 +135,7 @@ class EpisodeBatch:
         self.last_scores = np.full(B, np.nan)
         self.defer_scores = False  # see `reset_rows`
         self._unscored: list[int] = []  # ended episodes awaiting their score (when deferring)
+        self._host_observation: tuple[np.ndarray, np.ndarray] | None = None  # ids and mask, read by `step`
         self._ref_logits: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------- policy
@@ -149,6 +152,13 @@ class EpisodeBatch:
         if link is not None and self.started:
             link.start(self.sequences(), self.max_new_tokens)
 
+    def observation(self) -> tuple[np.ndarray, np.ndarray]:
+        """Host copies of ``(ids, mask)`` ``(B, L)``: from the last step's one read, or read now after a reset."""
+        if self._host_observation is None:
+            self._host_observation = tuple(to_host(self.ids, self.mask))  # type: ignore[assignment]
+        ids, mask = self._host_observation  # type: ignore[misc]
+        return ids.copy(), mask.copy()
+
     def sequences(self) -> list[torch.Tensor]:
         """Each row's real tokens so far (prompt + generated), as 1-D tensors."""
         return [self.ids[r][self.mask[r].bool()] for r in range(self.num_rows)]
@@ -163,6 +173,7 @@ class EpisodeBatch:
             at each episode's last token, as batch RLHF trainers do.
         """
         rows = list(rows)
+        self._host_observation = None
         if defer_scores and len(rows) != self.num_rows:
             raise ValueError("defer_scores applies to a whole batch: reset every row")
         P = self.max_prompt_tokens
@@ -202,12 +213,20 @@ class EpisodeBatch:
     # ------------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, actions: torch.Tensor, active: np.ndarray) -> StepResult:
-        """Apply ``actions`` ``(B,)`` to the ``active`` rows; the others are left as they are."""
+        """Apply ``actions`` ``(B,)`` to the ``active`` rows; the others are left as they are.
+
+        The step reads the device once (`to_host`): log-probs, KL, termination, the actions (to check
+        their range) and the new observation, all together. Nothing changes before that read, so an action
+        outside the action space raises `InvalidActionError` and leaves every row as it was. The reference
+        forward is queued after the read, so the GPU runs it while the host does its bookkeeping.
+        """
         assert self._ref_logits is not None
-        B = self.num_rows
-        actions = actions.to(self.device).long()
-        active_t = torch.as_tensor(active, device=self.device)
-        actions = torch.where(active_t, actions, torch.full_like(actions, self.pad_id))
+        B, V = self.num_rows, self.vocab_size
+        raw = to_device(actions, self.device).long()
+        active_t = to_device(active, self.device)
+        in_range = (raw >= 0) & (raw < V)
+        # Out-of-range ids are replaced before any lookup: on a GPU one would be a fatal device-side assert.
+        actions = torch.where(active_t & in_range, raw, torch.full_like(raw, self.pad_id))
 
         # 1. log-probs of the chosen tokens: reference (cached) and policy (bound link, or uniform).
         ref_all = torch.log_softmax(self._ref_logits, dim=-1)
@@ -216,26 +235,31 @@ class EpisodeBatch:
             lp, pol_all = self.policy.action_logprobs(actions)
             lp, pol_all = lp.to(self.device), pol_all.to(self.device)
         else:
-            lp = torch.full((B,), -math.log(self.vocab_size), device=self.device)
-            pol_all = (
-                torch.full_like(ref_all, -math.log(self.vocab_size)) if self.kl_estimator == "full" else None
-            )
+            lp = torch.full((B,), -math.log(V), device=self.device)
+            pol_all = torch.full_like(ref_all, -math.log(V)) if self.kl_estimator == "full" else None
         kl = kl_penalty(lp, ref_lp, self.kl_estimator, pol_all, ref_all if pol_all is not None else None)
         kl = torch.where(active_t, kl, torch.zeros_like(kl))
         beta = float(self.kl_controller.value)
 
-        # 2. append, and decide termination (EOS / stop token / length budget: all terminal).
-        pos = self.max_prompt_tokens + self.gen_len
-        rows = torch.arange(B, device=self.device)
+        # 2. the new state, out of place (committed after the range check): append, and decide termination
+        # (EOS / stop token / length budget: all terminal). A scatter, not a masked write: indexing with a
+        # boolean mask would read its nonzero count back to the host.
         write = active_t & (self.gen_len < self.max_new_tokens)
-        self.ids[rows[write], pos[write]] = actions[write]
-        self.mask[rows[write], pos[write]] = 1
-        self.gen_len += write.long()
-        ends = torch.isin(actions, self._stop) | (self.gen_len >= self.max_new_tokens)
-        terminated_t = active_t & ends
+        column = (self.max_prompt_tokens + self.gen_len).clamp(max=self.length - 1).view(-1, 1)
+        new_ids = self.ids.scatter(1, column, torch.where(write.view(-1, 1), actions.view(-1, 1), self.ids.gather(1, column)))
+        new_mask = self.mask.scatter(1, column, self.mask.gather(1, column) | write.long().view(-1, 1))
+        gen_len = self.gen_len + write.long()
+        terminated_t = active_t & (torch.isin(actions, self._stop) | (gen_len >= self.max_new_tokens))
 
-        # 3. one host transfer for everything the caller sees.
-        host = torch.stack([lp, ref_lp, kl, terminated_t.float()]).float().cpu().numpy().astype(np.float64)
+        # 3. one host read for everything the caller sees.
+        values = torch.stack([lp, ref_lp, kl, terminated_t.float()]).float()
+        host, raw_np, ids_np, mask_np = to_host(values, raw, new_ids, new_mask)
+        if raw_np.size and (raw_np.min() < 0 or raw_np.max() >= V):
+            bad = raw_np.min() if raw_np.min() < 0 else raw_np.max()
+            raise InvalidActionError(f"action {int(bad)} is outside the action space [0, {V})")
+        self.ids, self.mask, self.gen_len = new_ids, new_mask, gen_len
+        self._host_observation = (ids_np, mask_np)
+        host = host.astype(np.float64)
         lp_np, ref_np, kl_np, term_np = host[0], host[1], host[2], host[3].astype(bool)
         lp_np[~active], ref_np[~active] = np.nan, np.nan
         rewards = np.where(active, -beta * kl_np, 0.0)
@@ -269,10 +293,9 @@ class EpisodeBatch:
             self.last_scores[to_score] = scores[to_score]
             self.kl_controller.update(float(self.episode_kl[to_score].mean()), len(to_score))
 
-        actions_np = actions.cpu().numpy() if self.record_history else np.zeros(0)
         for r in np.flatnonzero(active) if self.record_history else ():
             self.history[r].append(
-                TokenRecord(int(actions_np[r]), float(rewards[r]), float(kl_np[r]), float(ref_np[r]))
+                TokenRecord(int(raw_np[r]), float(rewards[r]), float(kl_np[r]), float(ref_np[r]))
             )
         return StepResult(rewards, term_np, lp_np, ref_np, kl_np, beta, scores, completions, episode_kl)
 

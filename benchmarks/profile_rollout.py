@@ -1,0 +1,77 @@
+"""Where a rollout's time goes: ``torch.profiler`` tables of one steady-state textenv rollout.
+
+Same models and settings as ``benchmarks/rollout.py``; the first rollout (which compiles with
+``--decoding compiled``) is not profiled. Prints the top operators by device time and by host time, so
+the gap between the two (launch- or sync-bound host work) is visible. ``--syncs`` instead counts the
+operations that make the host wait for the GPU (``torch.cuda.set_sync_debug_mode``) and where they are.
+
+    python benchmarks/profile_rollout.py --shape tiny --batch 64 --prompt 16 --new 64 --decoding compiled
+    python benchmarks/profile_rollout.py --shape gpt2 --batch 256 --prompt 64 --new 128 --device cuda --bf16 --decoding compiled
+    python benchmarks/profile_rollout.py --shape tiny --batch 64 --new 64 --device cuda --syncs
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from benchmarks.common import benchmark_parser, build, parse_benchmark_args, random_prompts
+from benchmarks.rollout import rollout_agent
+
+
+def count_syncs(agent, steps: int) -> None:
+    """Print how many operations of one rollout wait for the GPU, per decode step, and from where."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            agent.rollout()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    print(f"synchronising operations in one rollout of {steps} steps: {len(syncs)} ({len(syncs) / steps:.2f} per step)")
+    sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    for site, n in sites.most_common():
+        print(f"  {n:5d}  {site}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = benchmark_parser(__doc__, repeats=None)
+    parser.add_argument("--rows", type=int, default=30, help="operators per table")
+    parser.add_argument("--syncs", action="store_true", help="count host-device synchronisations (CUDA)")
+    args = parse_benchmark_args(parser, argv)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    models = build(args.shape, args.prompt + args.new, args.device, dtype)
+    agent = rollout_agent(models, random_prompts(models["tokenizer"], args.batch, args.prompt), args)
+    agent.rollout()  # warm-up (compiles)
+    cuda = args.device.startswith("cuda")
+    if args.syncs:
+        count_syncs(agent, args.new)
+        return
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        agent.rollout()
+        if cuda:
+            torch.cuda.synchronize()
+    print(f"profiled rollout: {time.perf_counter() - start:.3f} s (with profiler overhead)")
+    averages = prof.key_averages()
+    if cuda:
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=args.rows))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
