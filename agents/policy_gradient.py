@@ -236,14 +236,16 @@ class SequencePolicyGradientAgent(ABC):
         return {}
 
     # ------------------------------------------------------------------------------ 3. update
-    def token_outputs(self, batch: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs of the taken actions and the entropy at every generated position of ``rows`` (one forward)."""
+    def token_outputs(
+        self, batch: Rollout, rows: torch.Tensor, with_entropy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs of the taken actions and (``with_entropy``) the entropy at every generated position (one forward)."""
         ids, attn = generated_positions(batch, rows)
         logits = self.policy.lm(
             input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False,
             logits_to_keep=batch.actions.shape[1] + 1,  # only the positions that predict generated tokens
         ).logits
-        return taken_logprobs(logits, batch, rows, self.config.sampling)
+        return taken_logprobs(logits, batch, rows, self.config.sampling, with_entropy)
 
     def update(self, batch: Rollout, advantages: torch.Tensor) -> dict[str, float]:
         """Epochs of minibatches of the policy-gradient loss; returns the update statistics."""
@@ -256,9 +258,9 @@ class SequencePolicyGradientAgent(ABC):
             for start in range(0, B, cfg.minibatch_size):
                 rows = order[start : start + cfg.minibatch_size]
                 mask = batch.mask[rows]
-                logprobs, token_entropy = self.token_outputs(batch, rows)
-                if epoch == 0:  # the sampling policy's entropy, for free from this forward
-                    stats["entropy"].append(masked_mean(token_entropy.detach(), mask).item())
+                logprobs, token_entropy = self.token_outputs(batch, rows, with_entropy=epoch == 0)
+                if token_entropy is not None:  # epoch 0: the sampling policy's entropy
+                    stats["entropy"].append(masked_mean(token_entropy, mask).item())
                 loss, clipfrac, approx_kl = policy_gradient_loss(
                     logprobs, batch.logprobs[rows], advantages[rows], mask, cfg.clip_range, cfg.token_reduction
                 )

@@ -242,12 +242,14 @@ class PPOAgent:
         return batch
 
     # ------------------------------------------------------------------------------ 2-3. update
-    def _token_outputs(self, batch: Rollout, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Log-probs of the taken actions, values and entropy at every generated position of ``rows``."""
+    def _token_outputs(
+        self, batch: Rollout, rows: torch.Tensor, with_entropy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Log-probs of the taken actions, values and (``with_entropy``) entropy at every generated position."""
         P, T = batch.prompt_slots, batch.actions.shape[1]
         with self._autocast():
             logits, values = self.policy(*generated_positions(batch, rows), logits_to_keep=T + 1)
-        logprobs, token_entropy = taken_logprobs(logits, batch, rows, self.config.sampling)
+        logprobs, token_entropy = taken_logprobs(logits, batch, rows, self.config.sampling, with_entropy)
         return logprobs, values[:, P - 1 : P + T - 1], token_entropy
 
     def update(self, batch: Rollout) -> dict[str, float]:
@@ -277,9 +279,9 @@ class PPOAgent:
                 for micro in range(accumulation):
                     rows = order[mb_start + micro * cfg.micro_batch_size : mb_start + (micro + 1) * cfg.micro_batch_size]
                     m = mask[rows]
-                    logprobs, values, token_entropy = self._token_outputs(batch, rows)
-                    if _epoch == 0:  # the policy as it sampled the batch: its entropy, for free from this forward
-                        stats["entropy"].append(masked_mean(token_entropy.detach(), m).item())
+                    logprobs, values, token_entropy = self._token_outputs(batch, rows, with_entropy=_epoch == 0)
+                    if token_entropy is not None:  # epoch 0: the policy as it sampled the batch
+                        stats["entropy"].append(masked_mean(token_entropy, m).item())
                     pg_loss, clipfrac, approx_kl = clipped_policy_loss(
                         logprobs, batch.logprobs[rows], advantages[rows], m, cfg.clip_range
                     )

@@ -123,20 +123,28 @@ def generated_positions(batch: Rollout, rows: torch.Tensor) -> tuple[torch.Tenso
 
 
 def taken_logprobs(
-    logits: torch.Tensor, batch: Rollout, rows: torch.Tensor, sampling: SamplingConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, batch: Rollout, rows: torch.Tensor, sampling: SamplingConfig, with_entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the taken tokens and the entropy at each generated position, from full-sequence logits.
 
     :param logits: ``(b, n, V)``, the last ``n >= T + 1`` positions of a forward over `generated_positions`
         (position i predicts i + 1). Run that forward with ``logits_to_keep=T + 1``: the LM head then skips
         the prompt positions, which saves ``P / (P + T)`` of the largest activation in the update.
+    :param with_entropy: also return the entropy (else ``None``). It is a statistic, not part of any loss,
+        so it is computed without autograd: its ``b × T × V`` intermediates (the probabilities, the masked
+        log-probs) would otherwise stay saved for backward, several times the logits' size at the update's
+        memory peak.
     """
     T = batch.actions.shape[1]
     logprobs_all = sampling.logprobs(logits[:, -T - 1 : -1].float())
     logprobs = logprobs_all.gather(-1, batch.actions[rows].unsqueeze(-1)).squeeze(-1)
+    token_entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            token_entropy = entropy(logprobs_all.detach())
     # With top-k / top-p a token can leave the truncated set as the policy moves (log-prob -inf); a
     # finite floor keeps the ratio ~0 there and the statistics finite (padding positions too).
-    return logprobs.clamp(min=LOGPROB_FLOOR), entropy(logprobs_all)
+    return logprobs.clamp(min=LOGPROB_FLOOR), token_entropy
 
 
 def iteration_stats(

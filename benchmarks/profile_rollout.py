@@ -44,11 +44,14 @@ def count_syncs(agent, steps: int) -> None:
         print(f"  {n:5d}  {site}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Print the tables; return each operator's self host time in ms (empty with ``--syncs``)."""
     parser = benchmark_parser(__doc__, repeats=None)
     parser.add_argument("--rows", type=int, default=30, help="operators per table")
     parser.add_argument("--syncs", action="store_true", help="count host-device synchronisations (CUDA)")
     args = parse_benchmark_args(parser, argv)
+    if args.syncs and not args.device.startswith("cuda"):
+        parser.error("--syncs counts GPU synchronisations: it needs --device cuda")
     torch.manual_seed(0)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     models = build(args.shape, args.prompt + args.new, args.device, dtype)
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     cuda = args.device.startswith("cuda")
     if args.syncs:
         count_syncs(agent, args.new)
-        return
+        return {}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     if cuda:
         torch.cuda.synchronize()
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     if cuda:
         print(averages.table(sort_by="self_cuda_time_total", row_limit=args.rows))
     print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    return {event.key: event.self_cpu_time_total / 1e3 for event in averages}
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from benchmarks import components, ppo_vs_trl, rollout, scaling
+from benchmarks import components, ppo_vs_trl, profile_rollout, rollout, scaling
 from benchmarks.common import build, random_prompts
 
 
@@ -36,3 +36,11 @@ def test_ppo_benchmark_textenv_side_runs_without_trl():
 def test_components_benchmark_times_each_part():
     ms = components.main(["--shape", "tiny", "--batch", "4", "--prompt", "4", "--new", "6", "--repeats", "1"])
     assert len(ms) == 5 and all(v > 0 for v in ms.values())
+
+
+def test_profile_benchmark_reports_the_rollouts_operators(capsys):
+    ms = profile_rollout.main(["--batch", "4", "--prompt", "4", "--new", "6", "--rows", "5"])
+    assert ms["aten::addmm"] > 0  # the models' linear layers ran inside the profiled rollout
+    assert "Self CPU time total" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # counting GPU synchronisations needs a GPU
+        profile_rollout.main(["--batch", "4", "--new", "6", "--syncs"])
