@@ -176,16 +176,24 @@ class EpisodeBatch:
         self._host_observation = None
         if defer_scores and len(rows) != self.num_rows:
             raise ValueError("defer_scores applies to a whole batch: reset every row")
+        if len(prompts) != len(rows):
+            raise ValueError(f"{len(rows)} rows to reset but {len(prompts)} prompts")
         P = self.max_prompt_tokens
-        for r, prompt in zip(rows, prompts, strict=True):
+        bad = [len(prompt.ids) for prompt in prompts if not 0 < len(prompt.ids) <= P]
+        if bad:
+            raise ValueError(f"prompt of {bad[0]} tokens does not fit max_prompt_tokens={P}")
+        # The new rows are laid out on the host and copied in one transfer, not one per row.
+        ids = np.full((len(rows), self.length), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), self.length), dtype=np.int64)
+        for i, prompt in enumerate(prompts):
             n = len(prompt.ids)
-            if not 0 < n <= P:
-                raise ValueError(f"prompt of {n} tokens does not fit max_prompt_tokens={P}")
-            self.ids[r] = self.pad_id
-            self.mask[r] = 0
-            self.ids[r, P - n : P] = prompt.ids.to(self.device)
-            self.mask[r, P - n : P] = 1
-            self.gen_len[r] = 0
+            ids[i, P - n : P] = prompt.ids.cpu().numpy()
+            mask[i, P - n : P] = 1
+        index = to_device(np.asarray(rows, dtype=np.int64), self.device)
+        self.ids[index] = to_device(ids, self.device)
+        self.mask[index] = to_device(mask, self.device)
+        self.gen_len[index] = 0
+        for r, prompt in zip(rows, prompts, strict=True):
             self.done[r] = False
             self.prompts[r] = prompt
             self.episode_kl[r] = 0.0
@@ -206,7 +214,7 @@ class EpisodeBatch:
             assert self._ref_logits is not None
             new = self.reference.replace_rows(rows, sequences).logits
             self._ref_logits = self._ref_logits.clone()
-            self._ref_logits[torch.as_tensor(rows, device=self.device)] = new
+            self._ref_logits[to_device(np.asarray(rows, dtype=np.int64), self.device)] = new
             if self.policy is not None:
                 self.policy.replace_rows(rows, sequences)
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from textenv.models import cache_keyword, output_cache, pad_left, position_ids_from_mask
+from textenv.host_transfer import to_device
+from textenv.models import cache_keyword, output_cache, pad_left_to, position_ids_from_mask
 
 DEFAULT_RESERVE = 64
 """Tokens a static cache keeps room for when the caller does not say how many will follow."""
@@ -86,7 +88,7 @@ class IncrementalLM:
     def _prefill(self, sequences: Sequence[torch.Tensor]) -> tuple[StepOutput, DynamicCache, torch.Tensor]:
         if any(len(s) == 0 for s in sequences):
             raise ValueError("cannot prefill an empty sequence")
-        ids, mask = pad_left([s.to(self.device) for s in sequences], self.pad_token_id)
+        ids, mask = pad_left_to(sequences, self.pad_token_id, self.device)
         out, cache = self._forward(ids, mask, position_ids_from_mask(mask), DynamicCache())
         return out, cache, mask
 
@@ -115,7 +117,7 @@ class IncrementalLM:
         if self.cache is None or self.cache_mask is None:
             raise RuntimeError("IncrementalLM.replace_rows called before start()")
         new_out, new_cache, new_mask = self._prefill(sequences)
-        index = torch.as_tensor(list(rows), device=self.device, dtype=torch.long)
+        index = to_device(np.asarray(rows, dtype=np.int64), self.device)
         grow = new_mask.shape[1] - self.cache_mask.shape[1]
         if grow > 0:  # the new rows are longer than the cache: left-pad every row's cache
             self.cache_mask = torch.nn.functional.pad(self.cache_mask, (grow, 0))

@@ -27,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from textenv.host_transfer import to_device
+
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, EOS, UNK)
 
@@ -224,6 +226,17 @@ def pad_left(
             ids[row, length - len(seq) :] = seq
             mask[row, length - len(seq) :] = 1
     return ids, mask
+
+
+def pad_left_to(sequences: Sequence[torch.Tensor], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pad_left` onto ``device``: sequences on the host are padded there and copied in one transfer.
+
+    Copying each row on its own would wait for the GPU's queue once per row (see `textenv.host_transfer`).
+    """
+    if all(s.device.type == "cpu" for s in sequences):
+        ids, mask = pad_left(sequences, pad_id)
+        return to_device(ids, device), to_device(mask, device)
+    return pad_left([s.to(device) for s in sequences], pad_id)
 
 
 def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:

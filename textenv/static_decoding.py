@@ -27,12 +27,14 @@ import itertools
 import types
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
+from textenv.host_transfer import to_device
 from textenv.incremental import DEFAULT_RESERVE, IncrementalLM, StepOutput
-from textenv.models import pad_left, position_ids_from_mask
+from textenv.models import pad_left_to, position_ids_from_mask
 
 DECODINGS = ("dynamic", "static", "compiled")
 """How `make_decoder` runs the decode step: growing cache (eager), static cache (eager), static + compiled."""
@@ -220,7 +222,7 @@ class StaticIncrementalLM(IncrementalLM):
         """Forget every row and prefill a new batch; keep ``reserve`` columns for tokens to come."""
         if any(len(s) == 0 for s in sequences):
             raise ValueError("cannot prefill an empty sequence")
-        ids, mask = pad_left([s.to(self.device) for s in sequences], self.pad_token_id)
+        ids, mask = pad_left_to(sequences, self.pad_token_id, self.device)
         self._new_cache(len(sequences), max(ids.shape[1] + reserve, self.capacity))
         assert self.cache_mask is not None
         self.cache_mask[:, : ids.shape[1]] = mask
@@ -264,7 +266,7 @@ class StaticIncrementalLM(IncrementalLM):
         if n > self.length:
             self._ensure_room(n)  # compacting may shorten the used part, so make room for all n columns
             self._shift_right(n - self.length)
-        index = torch.as_tensor(list(rows), device=self.device, dtype=torch.long)
+        index = to_device(np.asarray(rows, dtype=np.int64), self.device)
         self.cache_mask[index, : self.length] = 0
         self.cache_mask[index, self.length - n : self.length] = new_mask
         for layer, new_layer in zip(self._initialized_layers(), new_cache.layers, strict=True):
