@@ -155,3 +155,23 @@ def test_policy_with_wrong_vocabulary_is_refused():
     with pytest.raises(ValueError, match="disagree on the action space"):
         env.bind_policy(other)
     still_usable(env)
+
+
+def test_engine_reset_rows_checks_rows_before_writing():
+    """Row indices are checked on the host: on a GPU a bad index would be a fatal device-side assert."""
+    venv = make_toy_env(3)
+    engine = venv.engine
+    prompt = venv.prompt_source.encode("the movie")
+    with pytest.raises(RuntimeError, match="first reset must start every row"):
+        engine.reset_rows([0], [prompt])
+    assert engine.done.all() and engine.prompts == [None, None, None]  # nothing was written
+    venv.reset(seed=0)
+    before = engine.observation()
+    for rows in ([0, 0], [3], [-1]):
+        with pytest.raises(ValueError, match="distinct indices"):
+            engine.reset_rows(rows, [prompt] * len(rows))
+    with pytest.raises(ValueError, match="2 rows to reset but 1 prompts"):
+        engine.reset_rows([0, 1], [prompt])
+    for now, then in zip(engine.observation(), before, strict=True):
+        np.testing.assert_array_equal(now, then)
+    venv.step(np.array([3, 4, 5]))  # still usable

@@ -178,6 +178,10 @@ class EpisodeBatch:
             raise ValueError("defer_scores applies to a whole batch: reset every row")
         if len(prompts) != len(rows):
             raise ValueError(f"{len(rows)} rows to reset but {len(prompts)} prompts")
+        if len(set(rows)) != len(rows) or not all(0 <= r < self.num_rows for r in rows):
+            raise ValueError(f"rows to reset must be distinct indices in [0, {self.num_rows}), got {rows}")
+        if not self.started and len(rows) != self.num_rows:
+            raise RuntimeError("the first reset must start every row")
         P = self.max_prompt_tokens
         bad = [len(prompt.ids) for prompt in prompts if not 0 < len(prompt.ids) <= P]
         if bad:
@@ -204,8 +208,6 @@ class EpisodeBatch:
             self.defer_scores = defer_scores
             self._unscored = []
         if not self.started or len(rows) == self.num_rows:
-            if len(rows) != self.num_rows:
-                raise RuntimeError("the first reset must start every row")
             self._ref_logits = self.reference.start(sequences, self.max_new_tokens).logits
             if self.policy is not None:
                 self.policy.start(sequences, self.max_new_tokens)
@@ -327,7 +329,8 @@ class EpisodeBatch:
         return self.decode(self.completion_ids(row))
 
     def completion_texts(self, rows: Sequence[int]) -> list[str]:
-        """The generated text of ``rows``, read from the device in one copy."""
+        """The generated text of ``rows``: from the step's host copy of the buffer, else read in one copy."""
         P = self.max_prompt_tokens
-        ids, lengths = self.ids[:, P:].cpu(), self.gen_len.tolist()
-        return self.decode_batch([ids[r, : lengths[r]] for r in rows])
+        ids, mask = self._host_observation or to_host(self.ids, self.mask)
+        lengths = mask[:, P:].sum(1)  # generated tokens follow the prompt slots contiguously
+        return self.decode_batch([ids[r, P : P + lengths[r]].tolist() for r in rows])

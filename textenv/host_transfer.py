@@ -20,14 +20,16 @@ import torch
 
 def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
     """NumPy copies of ``tensors``, read from the device with one wait for all of them."""
-    if not any(t.device.type == "cuda" for t in tensors):
-        return [t.detach().numpy().copy() for t in tensors]
+    devices = {t.device for t in tensors if t.device.type == "cuda"}
+    if not devices:
+        return [t.detach().cpu().numpy().copy() for t in tensors]
     pinned = []
     for t in tensors:
         buffer = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        buffer.copy_(t.detach(), non_blocking=True)
+        buffer.copy_(t.detach(), non_blocking=True)  # queued on the current stream of t's device
         pinned.append(buffer)
-    torch.cuda.current_stream().synchronize()
+    for device in devices:  # the engine's GPU need not be the current one (device="cuda:1")
+        torch.cuda.current_stream(device).synchronize()
     return [buffer.numpy() for buffer in pinned]
 
 
