@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from textenv.errors import InvalidActionError
-from textenv.host_transfer import to_device, to_host
+from textenv.host_transfer import index_on, to_device, to_host
 from textenv.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
-from textenv.models import action_space_size, model_device
+from textenv.models import action_space_size, model_device, pad_left
 from textenv.policy_link import PolicyLink
 from textenv.prompts import Prompt
 from textenv.rewards import RewardFunction, join_text
@@ -186,16 +187,12 @@ class EpisodeBatch:
         bad = [len(prompt.ids) for prompt in prompts if not 0 < len(prompt.ids) <= P]
         if bad:
             raise ValueError(f"prompt of {bad[0]} tokens does not fit max_prompt_tokens={P}")
-        # The new rows are laid out on the host and copied in one transfer, not one per row.
-        ids = np.full((len(rows), self.length), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), self.length), dtype=np.int64)
-        for i, prompt in enumerate(prompts):
-            n = len(prompt.ids)
-            ids[i, P - n : P] = prompt.ids.cpu().numpy()
-            mask[i, P - n : P] = 1
-        index = to_device(np.asarray(rows, dtype=np.int64), self.device)
-        self.ids[index] = to_device(ids, self.device)
-        self.mask[index] = to_device(mask, self.device)
+        # The new rows are laid out on the host (prompt left-padded into P slots, then the empty generation
+        # slots) and copied in one transfer, not one per row.
+        ids, mask = pad_left([p.ids.cpu() for p in prompts], self.pad_id, length=P)
+        index = index_on(rows, self.device)
+        self.ids[index] = to_device(F.pad(ids, (0, self.max_new_tokens), value=self.pad_id), self.device)
+        self.mask[index] = to_device(F.pad(mask, (0, self.max_new_tokens)), self.device)
         self.gen_len[index] = 0
         for r, prompt in zip(rows, prompts, strict=True):
             self.done[r] = False
@@ -216,7 +213,7 @@ class EpisodeBatch:
             assert self._ref_logits is not None
             new = self.reference.replace_rows(rows, sequences).logits
             self._ref_logits = self._ref_logits.clone()
-            self._ref_logits[to_device(np.asarray(rows, dtype=np.int64), self.device)] = new
+            self._ref_logits[index] = new
             if self.policy is not None:
                 self.policy.replace_rows(rows, sequences)
 
@@ -264,9 +261,9 @@ class EpisodeBatch:
         # 3. one host read for everything the caller sees.
         values = torch.stack([lp, ref_lp, kl, terminated_t.float()]).float()
         host, raw_np, ids_np, mask_np = to_host(values, raw, new_ids, new_mask)
-        if raw_np.size and (raw_np.min() < 0 or raw_np.max() >= V):
-            bad = raw_np.min() if raw_np.min() < 0 else raw_np.max()
-            raise InvalidActionError(f"action {int(bad)} is outside the action space [0, {V})")
+        low, high = int(raw_np.min()), int(raw_np.max())
+        if low < 0 or high >= V:
+            raise InvalidActionError(f"action {low if low < 0 else high} is outside the action space [0, {V})")
         self.ids, self.mask, self.gen_len = new_ids, new_mask, gen_len
         self._host_observation = (ids_np, mask_np)
         host = host.astype(np.float64)

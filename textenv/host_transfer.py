@@ -14,6 +14,8 @@ pinned memory so its copy is queued like a kernel. On the CPU both are plain cop
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -44,3 +46,8 @@ def to_device(data: np.ndarray | torch.Tensor, device: torch.device) -> torch.Te
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+def index_on(rows: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Row indices as an int64 tensor on ``device``, copied like `to_device` (no wait on the GPU's queue)."""
+    return to_device(np.asarray(rows, dtype=np.int64), device)

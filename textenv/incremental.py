@@ -17,11 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from textenv.host_transfer import to_device
+from textenv.host_transfer import index_on
 from textenv.models import cache_keyword, output_cache, pad_left_to, position_ids_from_mask
 
 DEFAULT_RESERVE = 64
@@ -117,7 +116,7 @@ class IncrementalLM:
         if self.cache is None or self.cache_mask is None:
             raise RuntimeError("IncrementalLM.replace_rows called before start()")
         new_out, new_cache, new_mask = self._prefill(sequences)
-        index = to_device(np.asarray(rows, dtype=np.int64), self.device)
+        index = index_on(rows, self.device)
         grow = new_mask.shape[1] - self.cache_mask.shape[1]
         if grow > 0:  # the new rows are longer than the cache: left-pad every row's cache
             self.cache_mask = torch.nn.functional.pad(self.cache_mask, (grow, 0))

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from textenv.host_transfer import to_device
+from textenv.host_transfer import index_on
 from textenv.incremental import DEFAULT_RESERVE, IncrementalLM, StepOutput
 from textenv.sampling import SamplingConfig, sample_tokens
 from textenv.static_decoding import make_decoder
@@ -102,7 +101,7 @@ class PolicyLink:
             return
         current = self.outputs()  # apply any pending token first so every row is in step
         new = self.decoder.replace_rows(rows, sequences)
-        index = to_device(np.asarray(rows, dtype=np.int64), current.logits.device)
+        index = index_on(rows, current.logits.device)
         logits = current.logits.clone()
         logits[index] = new.logits
         hidden = None

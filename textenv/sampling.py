@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from textenv.host_transfer import to_device
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -66,10 +68,7 @@ def sample_tokens(logprobs: torch.Tensor, generator: torch.Generator | None = No
     cdf = logprobs.exp().double().cumsum(-1)
     device = generator.device if generator is not None else cdf.device
     u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=device)
-    if u.device != cdf.device:  # a CPU generator for GPU logits: the same draws on any device
-        # From pinned memory the copy is asynchronous; from pageable memory it would wait for the GPU's
-        # whole queue, once per token.
-        u = (u.pin_memory() if cdf.device.type == "cuda" else u).to(cdf.device, non_blocking=True)
+    u = to_device(u, cdf.device)  # a CPU generator for GPU logits gives the same draws on any device
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 

@@ -27,12 +27,11 @@ import itertools
 import types
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from textenv.host_transfer import to_device
+from textenv.host_transfer import index_on
 from textenv.incremental import DEFAULT_RESERVE, IncrementalLM, StepOutput
 from textenv.models import pad_left_to, position_ids_from_mask
 
@@ -266,7 +265,7 @@ class StaticIncrementalLM(IncrementalLM):
         if n > self.length:
             self._ensure_room(n)  # compacting may shorten the used part, so make room for all n columns
             self._shift_right(n - self.length)
-        index = to_device(np.asarray(rows, dtype=np.int64), self.device)
+        index = index_on(rows, self.device)
         self.cache_mask[index, : self.length] = 0
         self.cache_mask[index, self.length - n : self.length] = new_mask
         for layer, new_layer in zip(self._initialized_layers(), new_cache.layers, strict=True):
