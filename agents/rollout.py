@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from agents.chunked_logprobs import chunked_taken_logprobs
 from textenv.policy_link import PolicyLink
-from textenv.sampling import SamplingConfig, entropy, sample_tokens
+from textenv.sampling import SamplingConfig, sample_tokens
 from textenv.vector_env import TextGenerationVectorEnv
 
 LOGPROB_FLOOR = -50.0
@@ -131,17 +132,12 @@ def taken_logprobs(
         (position i predicts i + 1). Run that forward with ``logits_to_keep=T + 1``: the LM head then skips
         the prompt positions, which saves ``P / (P + T)`` of the largest activation in the update.
     :param with_entropy: also return the entropy (else ``None``). It is a statistic, not part of any loss,
-        so it is computed without autograd: its ``b × T × V`` intermediates (the probabilities, the masked
-        log-probs) would otherwise stay saved for backward, several times the logits' size at the update's
-        memory peak.
+        so it carries no gradient.
+
+    The distribution is computed in chunks of sequences (`agents.chunked_logprobs`): nothing of size
+    ``b × T × V`` beyond the logits themselves stays saved for backward, and no float32 copy of them is made.
     """
-    T = batch.actions.shape[1]
-    logprobs_all = sampling.logprobs(logits[:, -T - 1 : -1].float())
-    logprobs = logprobs_all.gather(-1, batch.actions[rows].unsqueeze(-1)).squeeze(-1)
-    token_entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            token_entropy = entropy(logprobs_all.detach())
+    logprobs, token_entropy = chunked_taken_logprobs(logits, batch.actions[rows], sampling, with_entropy)
     # With top-k / top-p a token can leave the truncated set as the policy moves (log-prob -inf); a
     # finite floor keeps the ratio ~0 there and the statistics finite (padding positions too).
     return logprobs.clamp(min=LOGPROB_FLOOR), token_entropy

@@ -6,14 +6,14 @@
 #
 #   bash benchmarks/gpu_wheels.sh              # here, once: wheels for packages the GPU image lacks
 #   bash benchmarks/gpu_suite.sh               # there, in the repository root (carry .whl)
-#   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo (and profile)
+#   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo, update (and profile)
 #
 # Each compiled shape compiles once (tens of seconds on a GPU), so the whole suite can pass a 10-minute
 # limit per command: then run it in two calls, e.g. "tests rollout" and "scaling ppo".
 #
 # Output goes to $OUT (or benchmarks/results/), one log per benchmark, to be copied into docs/benchmarks.md.
 set -uo pipefail
-parts=${*:-tests rollout scaling ppo}
+parts=${*:-tests rollout scaling ppo update}
 want() { [[ " $parts " == *" $1 "* ]]; }
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -50,6 +50,9 @@ if want profile; then  # not in the default parts: where a compiled rollout's ti
   for batch in 64 256; do
     run profile_$batch python3 benchmarks/profile_rollout.py $gpt2 --new 128 --batch $batch --decoding compiled
   done
+fi
+if want update; then  # the update micro-batch's peak memory: chunked taken-token log-probs vs the plain log-softmax
+  run update_memory python3 benchmarks/update_memory.py $gpt2 --new 128 --batch 64 --repeats 3
 fi
 if want ppo; then
   run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 --decoding compiled

@@ -6,8 +6,9 @@ import types
 import pytest
 import torch
 
-from benchmarks import components, ppo_vs_trl, profile_rollout, rollout, scaling
+from benchmarks import components, ppo_vs_trl, profile_rollout, rollout, scaling, update_memory
 from benchmarks.common import build, random_prompts
+from benchmarks.live_memory import LiveTensorPeak
 
 
 @pytest.mark.parametrize("decoding", ["dynamic", "static"])
@@ -44,3 +45,24 @@ def test_profile_benchmark_reports_the_rollouts_operators(capsys):
     assert "Self CPU time total" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # counting GPU synchronisations needs a GPU
         profile_rollout.main(["--batch", "4", "--new", "6", "--syncs"])
+
+
+def test_live_tensor_peak_counts_what_a_block_allocates():
+    weight = torch.randn(100, 100, requires_grad=True)  # allocated before the block: not counted
+    with LiveTensorPeak() as probe:
+        a = torch.zeros(1000)  # 4,000 bytes
+        b = a + 1  # 8,000 live
+        del a
+        c = b * 2  # 8,000 live again: the peak stays
+        del b, c
+        (weight.t() @ torch.ones(100)).sum().backward()  # a view of the weight is not new; its gradient is
+    assert probe.peak_bytes >= 8000 and probe.live_bytes == weight.grad.untyped_storage().nbytes() == 40_000
+
+
+def test_update_memory_benchmark_compares_both_paths(capsys):
+    # Chunks of one sequence (33 positions x 1,000 logits): the tiny shape's batch would fit in one chunk.
+    argv = ["--batch", "16", "--prompt", "4", "--new", "32", "--repeats", "1", "--chunk-elements", "33000"]
+    result = update_memory.main(argv)
+    assert result["chunked_gib"] > 0 and result["speed_ratio"] > 0
+    assert result["memory_ratio"] < 0.8  # the float32 distributions were the peak of the plain side
+    assert "chunked/plain" in capsys.readouterr().out

@@ -1,0 +1,101 @@
+"""Log-probs of the taken tokens from full-sequence logits, without float copies of the logits.
+
+In an RLHF update the largest tensors are the ``b × T × V`` logits (V = 50,257 for GPT-2: 0.8 GB in bf16
+for 64 sequences of 128 tokens). The loss needs only ``log π(a_t)``, one number per token, yet the plain
+``log_softmax(logits.float()).gather(a)`` keeps a float32 copy of the whole distribution saved for
+backward and makes two more in the backward pass (the gather's dense gradient and the log-softmax's), each
+twice the size of the bf16 logits. At the update's memory peak that is about seven bytes per logit beyond
+the logits themselves.
+
+`chunked_taken_logprobs` computes the same values and the same gradient in chunks of sequences: the forward
+keeps only the input logits (which exist anyway) and one chunk's float32 distribution at a time; the
+backward recomputes each chunk's probabilities and writes ``(onehot(a) − p) · g / τ`` straight into a
+gradient of the logits' own dtype. TRL's ``selective_log_softmax`` and Liger's fused cross-entropy do the
+same for the same reason; here it also honours the sampling distribution (temperature, top-k, top-p; see
+`textenv.sampling`) and computes the entropy statistic in the same pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from textenv.sampling import SamplingConfig, entropy
+
+CHUNK_ELEMENTS = 2**22
+"""Logits per chunk (16 MiB of float32 per temporary): one sequence of 80 tokens of a 50k vocabulary."""
+
+
+def _chunks(logits: torch.Tensor, chunk_elements: int) -> range:
+    """Start indices over dim 0 so that each chunk holds about ``chunk_elements`` logits (at least one row)."""
+    per_row = max(1, logits[0].numel()) if logits.shape[0] else 1
+    return range(0, logits.shape[0], max(1, chunk_elements // per_row))
+
+
+class _TakenLogprobs(torch.autograd.Function):
+    """``log p(a)`` of the sampling distribution per position; see `chunked_taken_logprobs`."""
+
+    @staticmethod
+    def forward(ctx, logits, actions, sampling, chunk_elements, with_entropy):  # type: ignore[override]
+        T = actions.shape[1]
+        taken = torch.empty(actions.shape, dtype=torch.float32, device=logits.device)
+        token_entropy = torch.empty_like(taken) if with_entropy else None
+        step = _chunks(logits, chunk_elements).step
+        for start in range(0, logits.shape[0], step):
+            rows = slice(start, start + step)
+            chunk = sampling.logprobs(logits[rows, -T - 1 : -1])  # float32 (c, T, V); -inf outside top-k/p
+            taken[rows] = chunk.gather(-1, actions[rows].unsqueeze(-1)).squeeze(-1)
+            if token_entropy is not None:
+                token_entropy[rows] = entropy(chunk)
+        ctx.save_for_backward(logits, actions)
+        ctx.sampling, ctx.chunk_elements = sampling, chunk_elements
+        if token_entropy is None:
+            token_entropy = torch.empty(0, device=logits.device)
+        ctx.mark_non_differentiable(token_entropy)
+        return taken, token_entropy
+
+    @staticmethod
+    def backward(ctx, grad_taken, _grad_entropy):  # type: ignore[override]
+        logits, actions = ctx.saved_tensors
+        sampling: SamplingConfig = ctx.sampling
+        T = actions.shape[1]
+        grad = torch.zeros_like(logits)  # positions outside the last T + 1 (the prompt's, the last one) get 0
+        step = _chunks(logits, ctx.chunk_elements).step
+        for start in range(0, logits.shape[0], step):
+            rows = slice(start, start + step)
+            logprobs = sampling.logprobs(logits[rows, -T - 1 : -1])
+            g = grad_taken[rows].unsqueeze(-1).float()  # (c, T, 1)
+            a = actions[rows].unsqueeze(-1)
+            # d log p(a) / d z_j = δ_aj − p_j on the kept tokens (p_j = 0 elsewhere). A taken token outside
+            # the kept set has log p(a) = −inf and, as in autograd's masked_fill, no gradient of its own.
+            kept = torch.isfinite(logprobs.gather(-1, a))
+            chunk_grad = logprobs.exp_().mul_(-g).scatter_add_(-1, a, g * kept)
+            if sampling.temperature != 1.0:
+                chunk_grad.div_(sampling.temperature)
+            grad[rows, -T - 1 : -1] = chunk_grad
+        return grad, None, None, None, None
+
+
+def chunked_taken_logprobs(
+    logits: torch.Tensor,
+    actions: torch.Tensor,
+    sampling: SamplingConfig,
+    with_entropy: bool = True,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of ``actions`` under the sampling distribution, and optionally its entropy, in chunks.
+
+    :param logits: ``(b, n, V)`` logits of any float dtype, ``n >= T + 1``; position ``n − T − 1 + t``
+        predicts ``actions[:, t]`` (the last position predicts nothing and gets no gradient).
+    :param actions: ``(b, T)`` the taken tokens.
+    :param sampling: the distribution the tokens were sampled from (`SamplingConfig.logprobs`).
+    :param with_entropy: also return the ``(b, T)`` entropy (a statistic: no gradient), else ``None``.
+    :param chunk_elements: logits per chunk; the float32 temporaries are about 4 bytes for each.
+    :returns: float32 ``(b, T)`` log-probs, ``-inf`` for a token outside the top-k / top-p set, with the
+        gradient of ``log_softmax(logits)`` gathered at ``actions``.
+    """
+    if logits.ndim != 3 or actions.ndim != 2 or logits.shape[0] != actions.shape[0] or logits.shape[1] <= actions.shape[1]:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} must be (b, n, V) with n > T for actions {tuple(actions.shape)} (b, T)"
+        )
+    taken, token_entropy = _TakenLogprobs.apply(logits, actions, sampling, chunk_elements, with_entropy)
+    return taken, (token_entropy if with_entropy else None)

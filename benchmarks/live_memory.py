@@ -1,0 +1,57 @@
+"""Peak bytes of tensors allocated inside a block of code: ``torch.cuda.max_memory_allocated`` for any device.
+
+On a GPU the caching allocator keeps peak statistics; on the CPU nothing does, and a process's peak RSS
+mixes in the allocator's own caching. `LiveTensorPeak` counts exactly what the CUDA statistic counts for
+the tensors a block creates: every storage an operator returns is added when it first appears and removed
+when its last tensor dies (a finalizer on the storage), and the running maximum is kept. Storages that
+existed before the block (weights, inputs) are not counted, so the figure is the block's own peak.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class LiveTensorPeak(TorchDispatchMode):
+    """``with LiveTensorPeak() as probe: ...``, then ``probe.peak_bytes``: the block's peak of live tensor bytes.
+
+    Autograd's backward runs under the mode too, so gradients and everything saved for backward count.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live_bytes -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {_storage_key(t) for t in tree_leaves((args, kwargs)) if _is_dense(t)}
+        for tensor in tree_leaves(out):
+            if not _is_dense(tensor):
+                continue
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key in self._seen or key in inputs or storage.nbytes() == 0:
+                continue  # an in-place result, or a view of an input (a weight's transpose, a slice)
+            self._seen.add(key)
+            self.live_bytes += storage.nbytes()
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+            weakref.finalize(storage, self._release, key, storage.nbytes())
+        return out
+
+
+def _is_dense(tensor: object) -> bool:
+    return isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided and tensor.device.type != "meta"
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
