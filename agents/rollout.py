@@ -161,6 +161,8 @@ def iteration_stats(
         "rollout_tokens_per_s": tokens / max(batch.seconds, 1e-9),
         "tokens_per_s": tokens / max(batch.seconds + update_seconds, 1e-9),
         "seconds": batch.seconds + update_seconds,
+        "rollout_seconds": batch.seconds,
+        "update_seconds": update_seconds,
     }
     if gold_reward is not None:
         stats["gold"] = float(np.mean(gold_reward(batch.prompts, batch.completions)))

@@ -32,7 +32,7 @@ from agents.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from agents.evaluation import EvalResult
 from agents.plots import plot_metrics
 
-TIMING_KEYS = ("seconds", "tokens_per_s", "rollout_tokens_per_s")
+TIMING_KEYS = ("seconds", "rollout_seconds", "update_seconds", "tokens_per_s", "rollout_tokens_per_s")
 
 
 class TrainingRun:

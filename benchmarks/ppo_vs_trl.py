@@ -44,7 +44,7 @@ def reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def run_textenv(models, prompts, args) -> tuple[float, float | None]:
+def run_textenv(models, prompts, args) -> tuple[float, float | None, dict[str, float]]:
     # The frozen reference and RM need no fp32 master weights: with --bf16 they run in bf16 (the policy
     # keeps fp32 weights under bf16 autocast, like TRL's mixed precision).
     frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -66,11 +66,14 @@ def run_textenv(models, prompts, args) -> tuple[float, float | None]:
         agent.rollout()  # compile the decode steps outside the timed iterations
     reset_peak(args.device)
     start = time.perf_counter()
+    split = {"rollout_seconds": 0.0, "update_seconds": 0.0}
     for _ in range(args.iterations):
-        agent.iteration_step()
+        stats = agent.iteration_step()
+        for key in split:
+            split[key] += stats[key] / args.iterations
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    return args.batch * args.iterations / (time.perf_counter() - start), peak_memory_gib(args.device)
+    return args.batch * args.iterations / (time.perf_counter() - start), peak_memory_gib(args.device), split
 
 
 def run_trl(models, prompts, args, config) -> tuple[float, float | None]:
@@ -120,13 +123,14 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     gc.collect()  # TRL's trainer is gone before textenv's peak is measured
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    ours, ours_mem = run_textenv(models, prompts, args)
+    ours, ours_mem, split = run_textenv(models, prompts, args)
     print(f"shape={args.shape} batch={args.batch} minibatches={args.minibatches} prompt={args.prompt} new={args.new} "
           f"epochs=4 iterations={args.iterations} device={args.device} bf16={args.bf16} decoding={args.decoding}")  # fmt: skip
     print(f"TRL PPOTrainer : {trl:8.2f} episodes/s" + (f"  peak {trl_mem:.2f} GiB" if trl_mem is not None else ""))
-    print(f"textenv PPO    : {ours:8.2f} episodes/s" + (f"  peak {ours_mem:.2f} GiB" if ours_mem is not None else ""))
+    print(f"textenv PPO    : {ours:8.2f} episodes/s" + (f"  peak {ours_mem:.2f} GiB" if ours_mem is not None else "")
+          + f"  (per iteration: rollout {split['rollout_seconds']:.3f} s, update {split['update_seconds']:.3f} s)")
     print(f"ratio textenv/TRL: {ours / trl:.2f}x episodes/s" + (f", {ours_mem / trl_mem:.2f}x memory" if trl_mem else ""))
-    return {"textenv": ours, "trl": trl, "ratio": ours / trl, "textenv_mem": ours_mem, "trl_mem": trl_mem}
+    return {"textenv": ours, "trl": trl, "ratio": ours / trl, "textenv_mem": ours_mem, "trl_mem": trl_mem, **split}
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ def test_ppo_benchmark_textenv_side_runs_without_trl():
     prompts = random_prompts(models["tokenizer"], 4, 4)
     args = types.SimpleNamespace(batch=4, minibatches=2, prompt=4, new=8, iterations=1, device="cpu", bf16=False,
                                  decoding="static")  # fmt: skip
-    episodes_per_s, memory = ppo_vs_trl.run_textenv(models, prompts, args)
+    episodes_per_s, memory, split = ppo_vs_trl.run_textenv(models, prompts, args)
     assert episodes_per_s > 0 and memory is None
+    assert split["rollout_seconds"] > 0 and split["update_seconds"] > 0
+    assert split["rollout_seconds"] + split["update_seconds"] < 4 / episodes_per_s  # both within the iteration
 
 
 def test_components_benchmark_times_each_part():
