@@ -9,9 +9,11 @@ existed before the block (weights, inputs) are not counted, so the figure is the
 
 from __future__ import annotations
 
+import itertools
 import weakref
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -55,3 +57,17 @@ def _is_dense(tensor: object) -> bool:
 
 def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
+
+
+def resident_bytes(*modules: nn.Module | None) -> int:
+    """Bytes of the parameters and buffers of ``modules`` (each storage once; ``None`` entries skipped).
+
+    Added to a `LiveTensorPeak` of a training block, this gives what ``torch.cuda.max_memory_allocated``
+    reports for the same block on a GPU: the models that exist before it plus the block's own peak.
+    """
+    storages: dict[int, int] = {}
+    for module in filter(None, modules):
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())

@@ -9,10 +9,14 @@ on the policy's trunk. TRL is an optional benchmark dependency: ``pip install -e
     python benchmarks/ppo_vs_trl.py --shape gpt2 --batch 64 --prompt 64 --new 128 --device cuda --bf16 --decoding compiled
 
 With ``--decoding compiled`` one rollout runs before the timed iterations so that compiling is not timed.
+On a GPU the peak memory is ``torch.cuda.max_memory_allocated``. On the CPU, ``--cpu-memory`` measures the
+same quantity (the models' parameters and buffers plus the peak of the tensors the iterations allocate,
+`benchmarks.live_memory`); its bookkeeping slows both sides, so take the speeds from a run without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import os
@@ -28,20 +32,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from agents.ppo import PPOAgent, PPOConfig  # noqa: E402
 from agents.value_head import PolicyWithValueHead  # noqa: E402
 from benchmarks.common import benchmark_parser, build, parse_benchmark_args, random_prompts  # noqa: E402
+from benchmarks.live_memory import LiveTensorPeak, resident_bytes  # noqa: E402
 from textenv.kl import FixedKLController  # noqa: E402
 from textenv.models import build_tiny_reward_model  # noqa: E402
 from textenv.rewards import RewardModelScorer  # noqa: E402
 from textenv.vector_env import TextGenerationVectorEnv  # noqa: E402
 
 
-def peak_memory_gib(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+class PeakMemory:
+    """Peak memory of the timed block: CUDA's allocator statistics, or on the CPU (``cpu_memory``) the models'
+    bytes plus a `LiveTensorPeak` of the block; ``gib`` is None on the CPU without ``cpu_memory``."""
 
+    def __init__(self, device: str, cpu_memory: bool) -> None:
+        self.cuda = device.startswith("cuda")
+        self.probe = LiveTensorPeak() if cpu_memory and not self.cuda else None
+        self.gib: float | None = None
 
-def reset_peak(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    @contextlib.contextmanager
+    def measure(self, *models: torch.nn.Module | None):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with self.probe if self.probe is not None else contextlib.nullcontext():
+            yield
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.gib = torch.cuda.max_memory_allocated() / 2**30
+        elif self.probe is not None:
+            self.gib = (resident_bytes(*models) + self.probe.peak_bytes) / 2**30
 
 
 def run_textenv(models, prompts, args) -> tuple[float, float | None, dict[str, float]]:
@@ -64,16 +82,15 @@ def run_textenv(models, prompts, args) -> tuple[float, float | None, dict[str, f
     )  # fmt: skip
     if args.decoding == "compiled":
         agent.rollout()  # compile the decode steps outside the timed iterations
-    reset_peak(args.device)
+    peak = PeakMemory(args.device, args.cpu_memory)
     start = time.perf_counter()
     split = {"rollout_seconds": 0.0, "update_seconds": 0.0}
-    for _ in range(args.iterations):
-        stats = agent.iteration_step()
-        for key in split:
-            split[key] += stats[key] / args.iterations
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return args.batch * args.iterations / (time.perf_counter() - start), peak_memory_gib(args.device), split
+    with peak.measure(agent.policy, reference, reward):
+        for _ in range(args.iterations):
+            stats = agent.iteration_step()
+            for key in split:
+                split[key] += stats[key] / args.iterations
+    return args.batch * args.iterations / (time.perf_counter() - start), peak.gib, split
 
 
 def run_trl(models, prompts, args, config) -> tuple[float, float | None]:
@@ -97,18 +114,18 @@ def run_trl(models, prompts, args, config) -> tuple[float, float | None]:
         ref_model=copy.deepcopy(models["reference"]), reward_model=models["reward"], train_dataset=dataset,
         value_model=value_model,
     )  # fmt: skip
-    reset_peak(args.device)
+    peak = PeakMemory(args.device, args.cpu_memory)
     start = time.perf_counter()
-    trainer.train()
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return args.batch * args.iterations / (time.perf_counter() - start), peak_memory_gib(args.device)
+    with peak.measure(trainer.model, trainer.ref_model, trainer.reward_model):  # model: policy and value model
+        trainer.train()
+    return args.batch * args.iterations / (time.perf_counter() - start), peak.gib
 
 
 def main(argv: list[str] | None = None) -> dict[str, float | None]:
     parser = benchmark_parser(__doc__, batch=16, new=32, repeats=None)
     parser.add_argument("--minibatches", type=int, default=1, help="minibatches per PPO epoch (both sides)")
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--cpu-memory", action="store_true", help="measure peak memory on the CPU too (slower)")
     args = parse_benchmark_args(parser, argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if args.batch % args.minibatches:

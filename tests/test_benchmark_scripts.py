@@ -8,7 +8,7 @@ import torch
 
 from benchmarks import components, ppo_vs_trl, profile_rollout, rollout, scaling, update_memory
 from benchmarks.common import build, random_prompts
-from benchmarks.live_memory import LiveTensorPeak
+from benchmarks.live_memory import LiveTensorPeak, resident_bytes
 
 
 @pytest.mark.parametrize("decoding", ["dynamic", "static"])
@@ -29,11 +29,23 @@ def test_ppo_benchmark_textenv_side_runs_without_trl():
     models = build("tiny", 12, "cpu", torch.float32)
     prompts = random_prompts(models["tokenizer"], 4, 4)
     args = types.SimpleNamespace(batch=4, minibatches=2, prompt=4, new=8, iterations=1, device="cpu", bf16=False,
-                                 decoding="static")  # fmt: skip
+                                 decoding="static", cpu_memory=False)  # fmt: skip
     episodes_per_s, memory, split = ppo_vs_trl.run_textenv(models, prompts, args)
     assert episodes_per_s > 0 and memory is None
     assert split["rollout_seconds"] > 0 and split["update_seconds"] > 0
     assert split["rollout_seconds"] + split["update_seconds"] < 4 / episodes_per_s  # both within the iteration
+
+
+def test_ppo_benchmark_measures_cpu_memory_on_request():
+    models = build("tiny", 12, "cpu", torch.float32)
+    prompts = random_prompts(models["tokenizer"], 4, 4)
+    args = types.SimpleNamespace(batch=4, minibatches=2, prompt=4, new=8, iterations=1, device="cpu", bf16=False,
+                                 decoding="dynamic", cpu_memory=True)  # fmt: skip
+    _, memory, _ = ppo_vs_trl.run_textenv(models, prompts, args)
+    trunk_gib = resident_bytes(models["policy"]) / 2**30  # the reference and the reward model are about as big
+    # The three models, the policy's gradients and Adam's two moments (allocated during the iteration), and
+    # the activations on top.
+    assert 6 * trunk_gib < memory < 12 * trunk_gib
 
 
 def test_components_benchmark_times_each_part():
