@@ -3,9 +3,8 @@
 In an RLHF update the largest tensors are the ``b × T × V`` logits (V = 50,257 for GPT-2: 0.8 GB in bf16
 for 64 sequences of 128 tokens). The loss needs only ``log π(a_t)``, one number per token, yet the plain
 ``log_softmax(logits.float()).gather(a)`` keeps a float32 copy of the whole distribution saved for
-backward and makes two more in the backward pass (the gather's dense gradient and the log-softmax's), each
-twice the size of the bf16 logits. At the update's memory peak that is about seven bytes per logit beyond
-the logits themselves.
+backward, the entropy statistic makes three more temporaries of that size, and the backward pass two more
+(the gather's dense gradient and the log-softmax's), each twice the size of the bf16 logits.
 
 `chunked_taken_logprobs` computes the same values and the same gradient in chunks of sequences: the forward
 keeps only the input logits (which exist anyway) and one chunk's float32 distribution at a time; the
@@ -25,10 +24,10 @@ CHUNK_ELEMENTS = 2**22
 """Logits per chunk (16 MiB of float32 per temporary): one sequence of 80 tokens of a 50k vocabulary."""
 
 
-def _chunks(logits: torch.Tensor, chunk_elements: int) -> range:
-    """Start indices over dim 0 so that each chunk holds about ``chunk_elements`` logits (at least one row)."""
+def _rows_per_chunk(logits: torch.Tensor, chunk_elements: int) -> int:
+    """Sequences per chunk: about ``chunk_elements`` logits, at least one sequence."""
     per_row = max(1, logits[0].numel()) if logits.shape[0] else 1
-    return range(0, logits.shape[0], max(1, chunk_elements // per_row))
+    return max(1, chunk_elements // per_row)
 
 
 class _TakenLogprobs(torch.autograd.Function):
@@ -39,7 +38,7 @@ class _TakenLogprobs(torch.autograd.Function):
         T = actions.shape[1]
         taken = torch.empty(actions.shape, dtype=torch.float32, device=logits.device)
         token_entropy = torch.empty_like(taken) if with_entropy else None
-        step = _chunks(logits, chunk_elements).step
+        step = _rows_per_chunk(logits, chunk_elements)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
             chunk = sampling.logprobs(logits[rows, -T - 1 : -1])  # float32 (c, T, V); -inf outside top-k/p
@@ -59,7 +58,7 @@ class _TakenLogprobs(torch.autograd.Function):
         sampling: SamplingConfig = ctx.sampling
         T = actions.shape[1]
         grad = torch.zeros_like(logits)  # positions outside the last T + 1 (the prompt's, the last one) get 0
-        step = _chunks(logits, ctx.chunk_elements).step
+        step = _rows_per_chunk(logits, ctx.chunk_elements)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
             logprobs = sampling.logprobs(logits[rows, -T - 1 : -1])

@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if args.batch % args.minibatches:
         parser.error("--minibatches must divide --batch")
+    if args.cpu_memory and args.decoding == "compiled":
+        parser.error("--cpu-memory counts eager tensors: use it with --decoding dynamic or static")
     torch.manual_seed(0)
     models = build(args.shape, args.prompt + args.new, args.device, torch.float32)
     config = models["policy"].config
