@@ -4,6 +4,11 @@ Explains the rollout ratio of `benchmarks/rollout.py`. Per token, HF ``generate`
 softmax + ``multinomial``, while textenv runs two forwards (policy and reference), inverse-CDF sampling,
 and the reward model once per finished sequence, which is spread here over the decode steps.
 
+The compiled decode step is also timed with dynamo's guard evaluation skipped
+(``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): the difference is what checking the
+compiled graph's guards costs per call. Skipping them is unsafe in a real run (a changed autocast state,
+train/eval mode or cache shape would reuse the wrong graph), so this is a measurement only.
+
     python benchmarks/components.py --shape small --batch 64 --threads 1
 """
 
@@ -41,10 +46,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         for _ in range(steps):
             decoder.step(torch.full((B,), 5, device=args.device))
 
+    def decode_without_guards() -> None:
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            decode(decoders["compiled"])
+
     ms = {
         "decode forward": timed(lambda: decode(decoders["dynamic"]), args.device, args.repeats)[0] / steps,
         "decode forward, decoding='compiled'": timed(lambda: decode(decoders["compiled"]), args.device, args.repeats)[0]
         / steps,
+        "  the same, guards not checked": timed(decode_without_guards, args.device, args.repeats)[0] / steps,
         "HF sampling (softmax + multinomial)": timed(
             lambda: torch.multinomial(torch.softmax(logits, -1), 1), args.device, args.repeats
         )[0],

@@ -6,7 +6,8 @@
 #
 #   bash benchmarks/gpu_wheels.sh              # here, once: wheels for packages the GPU image lacks
 #   bash benchmarks/gpu_suite.sh               # there, in the repository root (carry .whl)
-#   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo, update (and profile)
+#   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo, update
+#                                              # (and the extras profile, components)
 #
 # Each compiled shape compiles once (tens of seconds on a GPU), so the whole suite can pass a 10-minute
 # limit per command: then run it in two calls, e.g. "tests rollout" and "scaling ppo".
@@ -50,6 +51,9 @@ if want profile; then  # not in the default parts: where a compiled rollout's ti
   for batch in 64 256; do
     run profile_$batch python3 benchmarks/profile_rollout.py $gpt2 --new 128 --batch $batch --decoding compiled
   done
+fi
+if want components; then  # not in the default parts: a step's pieces, and dynamo's guard check per compiled call
+  run components python3 benchmarks/components.py --shape gpt2 --prompt 64 --device cuda --new 128 --batch 64
 fi
 if want update; then  # the update micro-batch's peak memory: chunked taken-token log-probs vs the plain log-softmax
   run update_memory python3 benchmarks/update_memory.py $gpt2 --new 128 --batch 64 --repeats 3

@@ -50,7 +50,7 @@ def test_ppo_benchmark_measures_cpu_memory_on_request():
 
 def test_components_benchmark_times_each_part():
     ms = components.main(["--shape", "tiny", "--batch", "4", "--prompt", "4", "--new", "6", "--repeats", "1"])
-    assert len(ms) == 5 and all(v > 0 for v in ms.values())
+    assert len(ms) == 6 and all(v > 0 for v in ms.values())
 
 
 def test_profile_benchmark_reports_the_rollouts_operators(capsys):
