@@ -6,12 +6,13 @@ for 64 sequences of 128 tokens). The loss needs only ``log π(a_t)``, one number
 backward, the entropy statistic makes three more temporaries of that size, and the backward pass two more
 (the gather's dense gradient and the log-softmax's), each twice the size of the bf16 logits.
 
-`chunked_taken_logprobs` computes the same values and the same gradient in chunks of sequences: the forward
-keeps only the input logits (which exist anyway) and one chunk's float32 distribution at a time; the
-backward recomputes each chunk's probabilities and writes ``(onehot(a) − p) · g / τ`` straight into a
-gradient of the logits' own dtype. TRL's ``selective_log_softmax`` and Liger's fused cross-entropy do the
-same for the same reason; here it also honours the sampling distribution (temperature, top-k, top-p; see
-`textenv.sampling`) and computes the entropy statistic in the same pass.
+`chunked_taken_logprobs` computes the same values and the same gradient in chunks of sequences: autograd
+keeps the input logits in their own dtype (bf16 under autocast) instead of a float32 distribution, and
+only one chunk's float32 temporaries exist at a time; the backward recomputes each chunk's probabilities
+and writes ``(onehot(a) − p) · g / τ`` straight into a gradient of the logits' dtype. TRL's
+``selective_log_softmax`` (row by row, through autograd) and Liger's fused cross-entropy (a hand-written
+backward) avoid the same full-size temporaries; here the log-probs are those of the sampling distribution
+(temperature, top-k, top-p; see `textenv.sampling`) and the entropy statistic comes from the same pass.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import torch
 from textenv.sampling import SamplingConfig, entropy
 
 CHUNK_ELEMENTS = 2**22
-"""Logits per chunk (16 MiB of float32 per temporary): one sequence of 80 tokens of a 50k vocabulary."""
+"""Logits per chunk (16 MiB per float32 temporary), but never less than one sequence: for GPT-2's 50,257
+tokens and 128 generated positions a chunk is one sequence, 6.4M logits (25 MiB per temporary)."""
 
 
-def _rows_per_chunk(logits: torch.Tensor, chunk_elements: int) -> int:
-    """Sequences per chunk: about ``chunk_elements`` logits, at least one sequence."""
-    per_row = max(1, logits[0].numel()) if logits.shape[0] else 1
-    return max(1, chunk_elements // per_row)
+def _rows_per_chunk(logits: torch.Tensor, T: int, chunk_elements: int) -> int:
+    """Sequences per chunk: about ``chunk_elements`` of the ``T × V`` logits each uses, at least one."""
+    return max(1, chunk_elements // max(1, T * logits.shape[-1]))
 
 
 class _TakenLogprobs(torch.autograd.Function):
@@ -38,7 +39,7 @@ class _TakenLogprobs(torch.autograd.Function):
         T = actions.shape[1]
         taken = torch.empty(actions.shape, dtype=torch.float32, device=logits.device)
         token_entropy = torch.empty_like(taken) if with_entropy else None
-        step = _rows_per_chunk(logits, chunk_elements)
+        step = _rows_per_chunk(logits, T, chunk_elements)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
             chunk = sampling.logprobs(logits[rows, -T - 1 : -1])  # float32 (c, T, V); -inf outside top-k/p
@@ -53,12 +54,13 @@ class _TakenLogprobs(torch.autograd.Function):
         return taken, token_entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the in-place chunk arithmetic below is not itself differentiable
     def backward(ctx, grad_taken, _grad_entropy):  # type: ignore[override]
         logits, actions = ctx.saved_tensors
         sampling: SamplingConfig = ctx.sampling
         T = actions.shape[1]
         grad = torch.zeros_like(logits)  # positions outside the last T + 1 (the prompt's, the last one) get 0
-        step = _rows_per_chunk(logits, ctx.chunk_elements)
+        step = _rows_per_chunk(logits, T, ctx.chunk_elements)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
             logprobs = sampling.logprobs(logits[rows, -T - 1 : -1])
@@ -90,7 +92,8 @@ def chunked_taken_logprobs(
     :param with_entropy: also return the ``(b, T)`` entropy (a statistic: no gradient), else ``None``.
     :param chunk_elements: logits per chunk; the float32 temporaries are about 4 bytes for each.
     :returns: float32 ``(b, T)`` log-probs, ``-inf`` for a token outside the top-k / top-p set, with the
-        gradient of ``log_softmax(logits)`` gathered at ``actions``.
+        gradient of `SamplingConfig.logprobs` (temperature, top-k / top-p mask, log-softmax) gathered at
+        ``actions``.
     """
     if logits.ndim != 3 or actions.ndim != 2 or logits.shape[0] != actions.shape[0] or logits.shape[1] <= actions.shape[1]:
         raise ValueError(

@@ -10,7 +10,7 @@
 #                                              # (and the extras profile, components)
 #
 # Each compiled shape compiles once (tens of seconds on a GPU), so the whole suite can pass a 10-minute
-# limit per command: then run it in two calls, e.g. "tests rollout" and "scaling ppo".
+# limit per command: then run it in several calls, e.g. "tests rollout", "update ppo" and "scaling".
 #
 # Output goes to $OUT (or benchmarks/results/), one log per benchmark, to be copied into docs/benchmarks.md.
 set -uo pipefail

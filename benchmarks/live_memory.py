@@ -1,10 +1,12 @@
 """Peak bytes of tensors allocated inside a block of code: ``torch.cuda.max_memory_allocated`` for any device.
 
 On a GPU the caching allocator keeps peak statistics; on the CPU nothing does, and a process's peak RSS
-mixes in the allocator's own caching. `LiveTensorPeak` counts exactly what the CUDA statistic counts for
-the tensors a block creates: every storage an operator returns is added when it first appears and removed
+mixes in the allocator's own caching. `LiveTensorPeak` counts what the CUDA statistic counts for the
+tensors a block creates: every storage an operator returns is added when it first appears and removed
 when its last tensor dies (a finalizer on the storage), and the running maximum is kept. Storages that
-existed before the block (weights, inputs) are not counted, so the figure is the block's own peak.
+existed before the block (weights, inputs) are not counted, so the figure is the block's own peak. It does
+not see the allocator's rounding or the kernels' private workspaces (cuBLAS, attention), and CPU kernels
+and CPU autocast are not CUDA's, so a CPU figure models a GPU figure; it does not reproduce it.
 """
 
 from __future__ import annotations
@@ -35,8 +37,11 @@ class LiveTensorPeak(TorchDispatchMode):
         self.live_bytes -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        # Storages the inputs had before the call: an op that resizes one (``out=``, ``resize_``) moves it.
         inputs = {_storage_key(t) for t in tree_leaves((args, kwargs)) if _is_dense(t)}
+        if func in _LIFTS:  # torch.tensor / as_tensor: the new tensor arrives as the op's input
+            inputs = set()
+        out = func(*args, **(kwargs or {}))
         for tensor in tree_leaves(out):
             if not _is_dense(tensor):
                 continue
@@ -49,6 +54,9 @@ class LiveTensorPeak(TorchDispatchMode):
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
             weakref.finalize(storage, self._release, key, storage.nbytes())
         return out
+
+
+_LIFTS = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
 
 
 def _is_dense(tensor: object) -> bool:

@@ -9,9 +9,10 @@ on the policy's trunk. TRL is an optional benchmark dependency: ``pip install -e
     python benchmarks/ppo_vs_trl.py --shape gpt2 --batch 64 --prompt 64 --new 128 --device cuda --bf16 --decoding compiled
 
 With ``--decoding compiled`` one rollout runs before the timed iterations so that compiling is not timed.
-On a GPU the peak memory is ``torch.cuda.max_memory_allocated``. On the CPU, ``--cpu-memory`` measures the
-same quantity (the models' parameters and buffers plus the peak of the tensors the iterations allocate,
-`benchmarks.live_memory`); its bookkeeping slows both sides, so take the speeds from a run without it.
+On a GPU the peak memory is ``torch.cuda.max_memory_allocated``: everything on the GPU, the shared models
+that both sides copy from included. On the CPU, ``--cpu-memory`` counts the same things (every model's
+parameters and buffers plus the peak of the tensors the iterations allocate, `benchmarks.live_memory`);
+its bookkeeping slows both sides, so take the speeds from a run without it.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ class PeakMemory:
             self.gib = (resident_bytes(*models) + self.probe.peak_bytes) / 2**30
 
 
+def models_of(models: dict) -> list[torch.nn.Module]:
+    """The shared models of `benchmarks.common.build` (on a GPU they count in both sides' peaks)."""
+    return [m for m in models.values() if isinstance(m, torch.nn.Module)]
+
+
 def run_textenv(models, prompts, args) -> tuple[float, float | None, dict[str, float]]:
     # The frozen reference and RM need no fp32 master weights: with --bf16 they run in bf16 (the policy
     # keeps fp32 weights under bf16 autocast, like TRL's mixed precision).
@@ -85,7 +91,7 @@ def run_textenv(models, prompts, args) -> tuple[float, float | None, dict[str, f
     peak = PeakMemory(args.device, args.cpu_memory)
     start = time.perf_counter()
     split = {"rollout_seconds": 0.0, "update_seconds": 0.0}
-    with peak.measure(agent.policy, reference, reward):
+    with peak.measure(*models_of(models), agent.policy, reference, reward):
         for _ in range(args.iterations):
             stats = agent.iteration_step()
             for key in split:
@@ -116,7 +122,8 @@ def run_trl(models, prompts, args, config) -> tuple[float, float | None]:
     )  # fmt: skip
     peak = PeakMemory(args.device, args.cpu_memory)
     start = time.perf_counter()
-    with peak.measure(trainer.model, trainer.ref_model, trainer.reward_model):  # model: policy and value model
+    # trainer.model: the policy and the value model
+    with peak.measure(*models_of(models), trainer.model, trainer.ref_model, trainer.reward_model):
         trainer.train()
     return args.batch * args.iterations / (time.perf_counter() - start), peak.gib
 

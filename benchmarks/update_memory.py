@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     V = models["policy"].config.vocab_size
     print(f"{args.shape} (V={V}), {args.batch} sequences x ({args.prompt} + {args.new}) tokens, "
           f"{args.device}{' bf16' if bf16 else ''}: one update micro-batch")  # fmt: skip
+    if args.device.startswith("cuda"):  # first calls allocate cuBLAS workspaces: not either side's peak
+        for step in steps.values():
+            step()
     memory = {name: peak_bytes(step, args.device) / 2**30 for name, step in steps.items()}  # also the warm-up
     seconds = timed_alternating(steps, args.device, args.repeats)
     for name in paths:

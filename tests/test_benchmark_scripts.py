@@ -43,9 +43,9 @@ def test_ppo_benchmark_measures_cpu_memory_on_request():
                                  decoding="dynamic", cpu_memory=True)  # fmt: skip
     _, memory, _ = ppo_vs_trl.run_textenv(models, prompts, args)
     trunk_gib = resident_bytes(models["policy"]) / 2**30  # the reference and the reward model are about as big
-    # The three models, the policy's gradients and Adam's two moments (allocated during the iteration), and
-    # the activations on top.
-    assert 6 * trunk_gib < memory < 12 * trunk_gib
+    # The three shared models and the env's and agent's copies of them, the policy's gradients and Adam's two
+    # moments (allocated during the iteration), and the activations on top.
+    assert 9 * trunk_gib < memory < 15 * trunk_gib
 
 
 def test_components_benchmark_times_each_part():
@@ -69,8 +69,10 @@ def test_live_tensor_peak_counts_what_a_block_allocates():
         del a
         c = b * 2  # 8,000 live again: the peak stays
         del b, c
-        (weight.t() @ torch.ones(100)).sum().backward()  # a view of the weight is not new; its gradient is
-    assert probe.peak_bytes >= 8000 and probe.live_bytes == weight.grad.untyped_storage().nbytes() == 40_000
+        view = weight.t()  # a view of a storage that existed before: not new
+        (torch.ones(100) @ weight).sum().backward()  # the gradient is new
+    assert view.shape == (100, 100) and probe.live_bytes == weight.grad.untyped_storage().nbytes() == 40_000
+    assert 40_000 < probe.peak_bytes < 41_000  # the gradient and the backward's small temporaries, each once
 
 
 def test_update_memory_benchmark_compares_both_paths(capsys):

@@ -77,7 +77,12 @@ def test_cli_with_stdin_survives_sigint_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "labels.jsonl"
     cmd = [sys.executable, "-m", "textenv.cli", "label", str(samples), str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Ctrl-C as in a terminal: a shell's background jobs (`pytest &`) ignore SIGINT, and a child inherits
+    # that, so the child starts with the default disposition whatever the test runner's was.
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     assert proc.stdin is not None
     proc.stdin.write("1\n2\n")
     proc.stdin.flush()

@@ -51,7 +51,7 @@ def test_chunked_logprobs_match_the_plain_log_softmax(sampling, chunk_elements, 
     gen = torch.Generator().manual_seed(0)
     base = (3 * torch.randn(b, n, V, generator=gen)).to(dtype)
     actions = torch.randint(0, V, (b, T), generator=gen)
-    actions[0, 0] = base[0, n - T - 2].float().argmin()  # outside any top-k / top-p set: -inf, no gradient of its own
+    actions[0, 0] = base[0, n - T - 1].float().argmin()  # outside any top-k / top-p set: -inf, no gradient of its own
     weights = torch.randn(b, T, generator=gen)
 
     logits = base.clone().requires_grad_()
@@ -69,6 +69,26 @@ def test_chunked_logprobs_match_the_plain_log_softmax(sampling, chunk_elements, 
     torch.testing.assert_close(logits.grad.float(), reference_logits.grad.float(), atol=1e-6, rtol=1e-2)
     assert logits.grad[:, : n - T - 1].abs().sum() == 0 and logits.grad[:, -1].abs().sum() == 0
     assert torch.isfinite(logits.grad.float()).all()
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS[2:])
+def test_chunked_logprobs_gradient_at_tokens_outside_the_kept_set(sampling):
+    """With a nonzero upstream gradient at a -inf log-prob (no floor), both paths give the same finite gradient."""
+    b, T, V = 3, 4, 50
+    gen = torch.Generator().manual_seed(2)
+    base = 3 * torch.randn(b, T + 1, V, generator=gen)
+    kept = sampling.logprobs(base[:, :-1])
+    actions = torch.multinomial(kept.exp().view(-1, V), 1, generator=gen).view(b, T)  # inside the set
+    actions[1, 2] = kept[1, 2].argmin()  # outside it
+    upstream = torch.randn(b, T, generator=gen)
+    logits, reference_logits = base.clone().requires_grad_(), base.clone().requires_grad_()
+    taken, _ = chunked_taken_logprobs(logits, actions, sampling, False, chunk_elements=1)
+    expected, _ = plain_taken_logprobs(reference_logits, actions, sampling)
+    assert torch.isinf(taken[1, 2]) and torch.isfinite(taken[0]).all()
+    taken.backward(upstream)
+    expected.backward(upstream)
+    assert torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(logits.grad, reference_logits.grad)
 
 
 def test_chunked_logprobs_gradient_matches_the_jacobian_with_temperature():
