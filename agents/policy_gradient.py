@@ -134,6 +134,10 @@ class PolicyGradientConfig:
     """Seeds the prompt draws, the token sampling and the minibatch order."""
     decoding: str = "dynamic"
     """The policy's rollout decoding: ``dynamic``, ``static`` or ``compiled`` (see `textenv.static_decoding`)."""
+    defer_kl: bool = False
+    """Compute the reference log-probs once per batch, after generation (one full-sequence forward, as TRL
+    does), instead of one cached reference forward per token; same rewards to float tolerance, faster
+    rollouts, but the env's per-step infos then lack ``kl`` (see docs/mdp.md, "Deferred KL")."""
 
     min_samples_per_prompt = 1  # class constant: RLOO and GRPO need a group of at least 2
 
@@ -224,7 +228,9 @@ class SequencePolicyGradientAgent(ABC):
     def rollout(self) -> Rollout:
         """Run B episodes (K per prompt) to the end with the current policy."""
         self.policy.eval()
-        return collect_rollout(self.env, self.link, self.generator, prompts=self.draw_prompts())
+        return collect_rollout(
+            self.env, self.link, self.generator, prompts=self.draw_prompts(), defer_kl=self.config.defer_kl
+        )
 
     # ------------------------------------------------------------------------------ 2. advantages
     @abstractmethod

@@ -151,6 +151,10 @@ class PPOConfig:
     decoding: str = "dynamic"
     """The policy's rollout decoding: ``dynamic`` KV cache, ``static`` or ``compiled`` (CUDA graphs on GPU;
     see `textenv.static_decoding`). Give the env the same choice for its reference LM."""
+    defer_kl: bool = False
+    """Compute the reference log-probs once per batch, after generation (one full-sequence forward, as TRL
+    does), instead of one cached reference forward per token; same rewards to float tolerance, faster
+    rollouts, but the env's per-step infos then lack ``kl`` (see docs/mdp.md, "Deferred KL")."""
     seed: int = 0
     """Seeds sampling and the minibatch order."""
 
@@ -233,7 +237,9 @@ class PPOAgent:
     def rollout(self) -> Rollout:
         """Run B episodes to the end with the current policy, reading values from the shared trunk."""
         self.policy.eval()
-        batch = collect_rollout(self.env, self.link, self.generator, self.policy.value, autocast=self._autocast)
+        batch = collect_rollout(
+            self.env, self.link, self.generator, self.policy.value, autocast=self._autocast, defer_kl=self.config.defer_kl
+        )
         if self.config.missing_eos_penalty is not None:
             lengths = batch.mask.sum(1).long()
             last = batch.actions.gather(1, (lengths - 1).clamp(min=0).view(-1, 1)).squeeze(1)

@@ -55,17 +55,22 @@ def collect_rollout(
     value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     prompts: Sequence[str] | None = None,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
+    defer_kl: bool = False,
 ) -> Rollout:
     """Run B episodes to the end, sampling from ``link`` with ``generator``.
 
     :param value_fn: maps the policy's last hidden state ``(B, H)`` to values ``(B,)`` (PPO's critic).
     :param prompts: explicit prompts for the B rows (default: the env samples them).
+    :param defer_kl: the env computes the reference log-probs once, over the finished batch, instead of one
+        cached reference forward per token (``reset(options={"defer_kl": True})``); the rewards are the same
+        to float tolerance.
     """
     start = time.perf_counter()
     T, B = env.engine.max_new_tokens, env.num_envs
     # One reward-model call for the whole batch, when its last episode ends (not one per step in which some
     # episode ended); each score is then added at its episode's last token below.
-    env.reset(options={"defer_scores": True, **({} if prompts is None else {"prompts": list(prompts)})})
+    options: dict = {"defer_scores": True, "defer_kl": defer_kl}
+    env.reset(options=options if prompts is None else {**options, "prompts": list(prompts)})
     device = link.model.device if link.model is not None else env.engine.device
     logprobs, values = torch.zeros(B, T, device=device), torch.zeros(B, T, device=device)
     actions = torch.zeros(B, T, dtype=torch.long, device=device)
@@ -85,9 +90,11 @@ def collect_rollout(
         actions[:, t] = tokens
         _, step_rewards, terminated, _, info = env.step(tokens)
         rewards[:, t] = step_rewards
-        if terminated.any():
-            last_step[terminated] = t
-            episode_kl[terminated] = info["episode_kl"][terminated]
+        last_step[terminated] = t
+        if "episode_kl" in info:  # the rows that ended (deferring the KL: all rows, at the batch's end)
+            episode_kl[info["_episode_kl"]] = info["episode_kl"][info["_episode_kl"]]
+        if "token_reward" in info:  # a deferred KL: every token's -β·KL_t, once the batch has ended
+            rewards += info["token_reward"]
         if "score" in info:
             scores[info["_score"]] = info["score"][info["_score"]]
             for r in np.flatnonzero(info["_text"]):

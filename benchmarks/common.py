@@ -97,6 +97,11 @@ def benchmark_parser(
     if textenv:
         parser.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
         parser.add_argument("--decoding", choices=DECODINGS, default="dynamic", help="textenv's KV cache / decode step")
+        parser.add_argument(
+            "--defer-kl", action="store_true",
+            help="textenv computes the reference log-probs once per batch, after generation (as TRL does), "
+            "instead of one cached reference forward per token",
+        )  # fmt: skip
     return parser
 
 

@@ -84,7 +84,7 @@ def run_textenv(models, prompts, args) -> tuple[float, float | None, dict[str, f
     agent = PPOAgent(
         PolicyWithValueHead(copy.deepcopy(models["policy"])), env,
         PPOConfig(ppo_epochs=4, minibatch_size=minibatch, micro_batch_size=minibatch, bf16=args.bf16,
-                  total_iterations=args.iterations, decoding=args.decoding),
+                  total_iterations=args.iterations, decoding=args.decoding, defer_kl=args.defer_kl),
     )  # fmt: skip
     if args.decoding == "compiled":
         agent.rollout()  # compile the decode steps outside the timed iterations
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
         torch.cuda.empty_cache()
     ours, ours_mem, split = run_textenv(models, prompts, args)
     print(f"shape={args.shape} batch={args.batch} minibatches={args.minibatches} prompt={args.prompt} new={args.new} "
-          f"epochs=4 iterations={args.iterations} device={args.device} bf16={args.bf16} decoding={args.decoding}")  # fmt: skip
+          f"epochs=4 iterations={args.iterations} device={args.device} bf16={args.bf16} decoding={args.decoding} "
+          f"defer_kl={args.defer_kl}")  # fmt: skip
     print(f"TRL PPOTrainer : {trl:8.2f} episodes/s" + (f"  peak {trl_mem:.2f} GiB" if trl_mem is not None else ""))
     print(f"textenv PPO    : {ours:8.2f} episodes/s" + (f"  peak {ours_mem:.2f} GiB" if ours_mem is not None else "")
           + f"  (per iteration: rollout {split['rollout_seconds']:.3f} s, update {split['update_seconds']:.3f} s)")

@@ -8,6 +8,10 @@ fast as plain generation. Throughput counts ``batch × decode steps`` for both.
     python benchmarks/rollout.py --shape tiny --batch 64 --prompt 16 --new 64          # CPU
     python benchmarks/rollout.py --shape tiny --batch 64 --prompt 16 --new 64 --decoding compiled
     python benchmarks/rollout.py --shape gpt2 --batch 64 --prompt 64 --new 128 --device cuda --bf16 --decoding compiled
+    python benchmarks/rollout.py --shape gpt2 --batch 256 --prompt 64 --new 128 --device cuda --bf16 --decoding compiled --defer-kl
+
+``--defer-kl`` runs the reference once over the finished batch instead of once per token (docs/mdp.md,
+"Deferred KL"); the rollout still yields every token's KL term.
 
 The first (warm-up) run of each side is not timed, so ``compiled`` reports its steady state; its compile
 time is printed separately. The two sides are then timed in turns (HF, textenv, HF, ...; best of
@@ -39,7 +43,9 @@ def rollout_agent(models, prompts, args) -> PPOAgent:
         max_new_tokens=args.new, autoreset_mode="Disabled", decoding=args.decoding,
     )  # fmt: skip
     policy = PolicyWithValueHead(copy.deepcopy(models["policy"]))
-    return PPOAgent(policy, env, PPOConfig(minibatch_size=len(prompts), micro_batch_size=len(prompts), bf16=args.bf16, decoding=args.decoding))
+    config = PPOConfig(minibatch_size=len(prompts), micro_batch_size=len(prompts), bf16=args.bf16, decoding=args.decoding,
+                       defer_kl=args.defer_kl)  # fmt: skip
+    return PPOAgent(policy, env, config)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     hf_tps = args.batch * hf_steps / hf_time
     te_tps = args.batch * te_steps / te_time
     print(f"shape={args.shape} batch={args.batch} prompt={args.prompt} new={args.new} device={args.device} "
-          f"bf16={args.bf16} decoding={args.decoding}")  # fmt: skip
+          f"bf16={args.bf16} decoding={args.decoding} defer_kl={args.defer_kl}")  # fmt: skip
     print(f"HF generate       : {hf_tps:10.0f} tokens/s  ({hf_steps} steps in {hf_time:.3f} s)")
     print(f"textenv rollout   : {te_tps:10.0f} tokens/s  ({te_steps} steps in {te_time:.3f} s; + reference KL, value, RM)")
     print(f"ratio textenv/HF  : {te_tps / hf_tps:.2f}x")

@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     prompts = random_prompts(models["tokenizer"], args.batch, args.prompt)
     rows = []
     print(f"shape={args.shape} batch={args.batch} prompt={args.prompt} device={args.device} bf16={args.bf16} "
-          f"decoding={args.decoding}")  # fmt: skip
+          f"decoding={args.decoding} defer_kl={args.defer_kl}")  # fmt: skip
     print(f"{'new tokens':>10} {'textenv ms/step':>16} {'uncached ms/step':>17}")
     for new in lengths:
-        agent = rollout_agent(models, prompts, types.SimpleNamespace(prompt=args.prompt, new=new, bf16=args.bf16, decoding=args.decoding))
+        settings = types.SimpleNamespace(prompt=args.prompt, new=new, bf16=args.bf16, decoding=args.decoding, defer_kl=args.defer_kl)
+        agent = rollout_agent(models, prompts, settings)
         seconds, steps = timed(lambda a=agent: int((a.rollout().mask.sum(0) > 0).sum()), args.device, args.repeats)
         ids = models["tokenizer"](prompts, return_tensors="pt")["input_ids"].to(args.device)
         naive, _ = timed(lambda n=new, i=ids: uncached_steps(models["policy"], i, n), args.device, 1)

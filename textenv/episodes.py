@@ -28,6 +28,7 @@ from textenv.models import action_space_size, model_device, pad_left
 from textenv.policy_link import PolicyLink
 from textenv.prompts import Prompt
 from textenv.rewards import RewardFunction, join_text
+from textenv.sequence_logprobs import token_logprobs
 from textenv.static_decoding import make_decoder
 
 
@@ -46,7 +47,21 @@ class StepResult:
     kl_coef: float
     scores: np.ndarray  # NaN except where an episode was scored this step (when it ended, or deferred)
     completions: dict[int, str] = field(default_factory=dict)
-    episode_kl: np.ndarray | None = None  # total KL of the episodes that ended (NaN elsewhere)
+    episode_kl: np.ndarray | None = None  # total KL of the episodes reported this step (NaN elsewhere)
+    deferred_kl: DeferredKL | None = None  # a deferred-KL batch's per-token terms, on the step it ended
+
+
+@dataclass
+class DeferredKL:
+    """A deferred-KL batch's per-token terms, ``(B, max_new_tokens)`` host arrays, NaN past each episode's end.
+
+    ``rewards`` is ``-β·kl`` with the β of the batch (the step rewards of such a batch leave it out).
+    """
+
+    logprob: np.ndarray
+    ref_logprob: np.ndarray
+    kl: np.ndarray
+    rewards: np.ndarray
 
 
 @dataclass
@@ -135,6 +150,8 @@ class EpisodeBatch:
         self.history: list[list[TokenRecord]] = [[] for _ in range(B)]
         self.last_scores = np.full(B, np.nan)
         self.defer_scores = False  # see `reset_rows`
+        self.defer_kl = False  # see `reset_rows`
+        self._token_logprob: torch.Tensor | None = None  # (B, T) the policy's log-probs of a deferred-KL batch
         self._unscored: list[int] = []  # ended episodes awaiting their score (when deferring)
         self._host_observation: tuple[np.ndarray, np.ndarray] | None = None  # ids and mask, read by `step`
         self._ref_logits: torch.Tensor | None = None
@@ -165,23 +182,36 @@ class EpisodeBatch:
         return [self.ids[r][self.mask[r].bool()] for r in range(self.num_rows)]
 
     # ------------------------------------------------------------------------------------- reset
-    def reset_rows(self, rows: Sequence[int], prompts: Sequence[Prompt], defer_scores: bool = False) -> None:
+    def reset_rows(
+        self, rows: Sequence[int], prompts: Sequence[Prompt], defer_scores: bool = False, defer_kl: bool = False
+    ) -> None:
         """Start new episodes in ``rows`` with these prompts; other rows keep running.
 
         :param defer_scores: (all rows only) score this batch once, when its last episode ends: one reward
             call per batch instead of one per step in which some episode ended. The step rewards then hold
             only ``-β·KL_t``, and the scores come in that last step's `StepResult` for the caller to place
             at each episode's last token, as batch RLHF trainers do.
+        :param defer_kl: (all rows only; implies ``defer_scores``) run no per-token reference forward: when
+            the batch's last episode ends, one full-sequence reference forward (`textenv.sequence_logprobs`)
+            gives every token's reference log-prob, and that step's `StepResult.deferred_kl` holds the
+            per-token log-probs, KL terms and ``-β·KL_t`` rewards. The step rewards then hold neither the
+            KL term nor the score; the KL controller moves once, at the batch's end. Not with the ``full``
+            estimator, which needs the reference's whole distribution at every step.
         """
         rows = list(rows)
+        whole = len(rows) == self.num_rows
+        if defer_kl and self.kl_estimator == "full":
+            raise ValueError("defer_kl needs a single-sample KL estimator (k1, k2, k3), not 'full'")
+        if (defer_scores or defer_kl) and not whole:
+            raise ValueError(f"{'defer_kl' if defer_kl else 'defer_scores'} applies to a whole batch: reset every row")
+        if self.defer_kl and not whole:
+            raise ValueError("this batch defers its KL (no reference cache to splice rows into): reset every row")
         self._host_observation = None
-        if defer_scores and len(rows) != self.num_rows:
-            raise ValueError("defer_scores applies to a whole batch: reset every row")
         if len(prompts) != len(rows):
             raise ValueError(f"{len(rows)} rows to reset but {len(prompts)} prompts")
         if len(set(rows)) != len(rows) or not all(0 <= r < self.num_rows for r in rows):
             raise ValueError(f"rows to reset must be distinct indices in [0, {self.num_rows}), got {rows}")
-        if not self.started and len(rows) != self.num_rows:
+        if not self.started and not whole:
             raise RuntimeError("the first reset must start every row")
         P = self.max_prompt_tokens
         bad = [len(prompt.ids) for prompt in prompts if not 0 < len(prompt.ids) <= P]
@@ -201,11 +231,15 @@ class EpisodeBatch:
             self.history[r] = []
             self.last_scores[r] = np.nan
         sequences = [p.ids for p in prompts]
-        if len(rows) == self.num_rows:  # a new batch; a partial reset joins the current one
-            self.defer_scores = defer_scores
+        if whole:  # a new batch (the first reset is always one); a partial reset joins the current one
+            self.defer_scores = defer_scores or defer_kl
+            self.defer_kl = defer_kl
             self._unscored = []
-        if not self.started or len(rows) == self.num_rows:
-            self._ref_logits = self.reference.start(sequences, self.max_new_tokens).logits
+            if defer_kl:
+                self._ref_logits = None
+                self._token_logprob = torch.full((self.num_rows, self.max_new_tokens), math.nan, device=self.device)
+            else:
+                self._ref_logits = self.reference.start(sequences, self.max_new_tokens).logits
             if self.policy is not None:
                 self.policy.start(sequences, self.max_new_tokens)
             self.started = True
@@ -225,9 +259,10 @@ class EpisodeBatch:
         The step reads the device once (`to_host`): log-probs, KL, termination, the actions (to check
         their range) and the new observation, all together. Nothing changes before that read, so an action
         outside the action space raises `InvalidActionError` and leaves every row as it was. The reference
-        forward is queued after the read, so the GPU runs it while the host does its bookkeeping.
+        forward is queued after the read, so the GPU runs it while the host does its bookkeeping. A
+        deferred-KL batch (`reset_rows`) runs no reference forward here but one over the whole batch when
+        it ends.
         """
-        assert self._ref_logits is not None
         B, V = self.num_rows, self.vocab_size
         raw = to_device(actions, self.device).long()
         active_t = to_device(active, self.device)
@@ -235,17 +270,23 @@ class EpisodeBatch:
         # Out-of-range ids are replaced before any lookup: on a GPU one would be a fatal device-side assert.
         actions = torch.where(active_t & in_range, raw, torch.full_like(raw, self.pad_id))
 
-        # 1. log-probs of the chosen tokens: reference (cached) and policy (bound link, or uniform).
-        ref_all = torch.log_softmax(self._ref_logits, dim=-1)
-        ref_lp = ref_all.gather(-1, actions.view(-1, 1)).squeeze(-1)
+        # 1. log-probs of the chosen tokens: policy (bound link, or uniform) and reference (cached, unless
+        # the batch defers its KL to its end).
         if self.policy is not None:
             lp, pol_all = self.policy.action_logprobs(actions)
             lp, pol_all = lp.to(self.device), pol_all.to(self.device)
         else:
-            lp = torch.full((B,), -math.log(V), device=self.device)
-            pol_all = torch.full_like(ref_all, -math.log(V)) if self.kl_estimator == "full" else None
-        kl = kl_penalty(lp, ref_lp, self.kl_estimator, pol_all, ref_all if pol_all is not None else None)
-        kl = torch.where(active_t, kl, torch.zeros_like(kl))
+            lp, pol_all = torch.full((B,), -math.log(V), device=self.device), None
+        if self.defer_kl:
+            ref_lp, kl = torch.full_like(lp, math.nan), torch.zeros_like(lp)
+        else:
+            assert self._ref_logits is not None
+            ref_all = torch.log_softmax(self._ref_logits, dim=-1)
+            ref_lp = ref_all.gather(-1, actions.view(-1, 1)).squeeze(-1)
+            if pol_all is None and self.kl_estimator == "full":
+                pol_all = torch.full_like(ref_all, -math.log(V))
+            kl = kl_penalty(lp, ref_lp, self.kl_estimator, pol_all, ref_all if pol_all is not None else None)
+            kl = torch.where(active_t, kl, torch.zeros_like(kl))
         beta = float(self.kl_controller.value)
 
         # 2. the new state, out of place (committed after the range check): append, and decide termination
@@ -257,6 +298,11 @@ class EpisodeBatch:
         new_mask = self.mask.scatter(1, column, self.mask.gather(1, column) | write.long().view(-1, 1))
         gen_len = self.gen_len + write.long()
         terminated_t = active_t & (torch.isin(actions, self._stop) | (gen_len >= self.max_new_tokens))
+        token_logprob = self._token_logprob
+        if self.defer_kl:  # keep the policy's log-prob for the KL at the batch's end
+            assert token_logprob is not None
+            at = self.gen_len.clamp(max=self.max_new_tokens - 1).view(-1, 1)
+            token_logprob = token_logprob.scatter(1, at, torch.where(write, lp, token_logprob.gather(1, at).squeeze(1)).view(-1, 1))
 
         # 3. one host read for everything the caller sees.
         values = torch.stack([lp, ref_lp, kl, terminated_t.float()]).float()
@@ -265,24 +311,35 @@ class EpisodeBatch:
         if low < 0 or high >= V:
             raise InvalidActionError(f"action {low if low < 0 else high} is outside the action space [0, {V})")
         self.ids, self.mask, self.gen_len = new_ids, new_mask, gen_len
+        self._token_logprob = token_logprob
         self._host_observation = (ids_np, mask_np)
         host = host.astype(np.float64)
         lp_np, ref_np, kl_np, term_np = host[0], host[1], host[2], host[3].astype(bool)
         lp_np[~active], ref_np[~active] = np.nan, np.nan
-        rewards = np.where(active, -beta * kl_np, 0.0)
-        self.episode_kl[active] += kl_np[active]
+        if self.defer_kl:
+            kl_np[:] = np.nan  # not known before the batch ends
+            rewards = np.zeros(B)
+        else:
+            rewards = np.where(active, -beta * kl_np, 0.0)
+            self.episode_kl[active] += kl_np[active]
 
         # 4. advance both models' caches with the actions, if anything continues.
         if self.policy is not None:
             self.policy.advance(actions)
-        if (active & ~term_np).any():
+        if not self.defer_kl and (active & ~term_np).any():
             self._ref_logits = self.reference.step(actions).logits
 
-        # 5. score every episode that ended, in one batch (or, deferring, every episode once all ended).
+        # 5. the KL of a deferred batch once its last episode has ended; then score every episode that
+        # ended, in one batch (or, deferring, every episode once all ended).
         ended = np.flatnonzero(term_np)
-        episode_kl = np.full(B, np.nan)
-        episode_kl[ended] = self.episode_kl[ended]
         self.done[ended] = True
+        episode_kl = np.full(B, np.nan)
+        deferred = None
+        if not self.defer_kl:
+            episode_kl[ended] = self.episode_kl[ended]
+        elif self.done.all():
+            deferred = self._deferred_kl(beta)
+            episode_kl[:] = self.episode_kl
         if self.defer_scores:
             self._unscored.extend(int(r) for r in ended)
             to_score = np.array(self._unscored if self.done.all() else [], dtype=int)
@@ -304,7 +361,28 @@ class EpisodeBatch:
             self.history[r].append(
                 TokenRecord(int(raw_np[r]), float(rewards[r]), float(kl_np[r]), float(ref_np[r]))
             )
-        return StepResult(rewards, term_np, lp_np, ref_np, kl_np, beta, scores, completions, episode_kl)
+        if deferred is not None and self.record_history:
+            for r, records in enumerate(self.history):
+                for t, record in enumerate(records):
+                    record.reward, record.kl = float(deferred.rewards[r, t]), float(deferred.kl[r, t])
+                    record.ref_logprob = float(deferred.ref_logprob[r, t])
+        return StepResult(rewards, term_np, lp_np, ref_np, kl_np, beta, scores, completions, episode_kl, deferred)
+
+    def _deferred_kl(self, beta: float) -> DeferredKL:
+        """A finished deferred-KL batch's per-token terms, from one reference forward per chunk of rows.
+
+        Sets each episode's total KL (`episode_kl`) before the batch is scored and the controller moves.
+        """
+        assert self._token_logprob is not None
+        P, T = self.max_prompt_tokens, self.max_new_tokens
+        ref = token_logprobs(self.ref_model, self.ids, self.mask, P, T)
+        generated = self.mask[:, P:].bool()
+        kl = kl_penalty(self._token_logprob, ref, self.kl_estimator)
+        lp_np, ref_np, kl_np = (
+            a.astype(np.float64) for a in to_host(*(x.masked_fill(~generated, math.nan) for x in (self._token_logprob, ref, kl)))
+        )
+        self.episode_kl[:] = np.nansum(kl_np, axis=1)
+        return DeferredKL(lp_np, ref_np, kl_np, np.where(np.isnan(kl_np), 0.0, -beta * kl_np))
 
     # ------------------------------------------------------------------------------------- text
     def completion_ids(self, row: int) -> torch.Tensor:

@@ -135,16 +135,24 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
         reward call when its last episode ends, instead of once per step in which some episode ended. Step
         rewards then hold only ``-β·KL_t``; that last step's ``infos["score"]`` carries every row's score,
         to be added at each episode's last token (as `agents.rollout.collect_rollout` does).
+
+        ``options["defer_kl"] = True`` (implies ``defer_scores``) also defers the KL term: no reference
+        forward per step, but one over the finished batch (as TRL computes it). Step infos then carry the
+        policy's ``logprob`` only, step rewards are 0, and the last step's infos add ``token_logprob``,
+        ``token_ref_logprob``, ``token_kl`` and ``token_reward`` (``-β·KL_t``), each ``(num_envs,
+        max_new_tokens)`` with NaN (rewards: 0) past each episode's end, and every row's ``episode_kl``.
+        The step infos' ``kl`` and ``ref_logprob`` are masked out (``_kl`` false) until then.
         """
         options = dict(options or {})
-        unknown = set(options) - {"prompts", "reset_mask", "defer_scores"}
+        supported = ("prompts", "reset_mask", "defer_scores", "defer_kl")
+        unknown = set(options) - set(supported)
         if unknown:
-            raise ValueError(
-                f"unknown reset options {sorted(unknown)}; supported: 'prompts', 'reset_mask', 'defer_scores'"
-            )
-        defer = bool(options.get("defer_scores", False))
+            raise ValueError(f"unknown reset options {sorted(unknown)}; supported: {', '.join(map(repr, supported))}")
+        defer_kl = bool(options.get("defer_kl", False))
+        defer = bool(options.get("defer_scores", False)) or defer_kl
         if defer and self.metadata["autoreset_mode"] != AutoresetMode.DISABLED:
-            raise ValueError("defer_scores needs autoreset_mode='Disabled' (a batch ends when all its rows end)")
+            name = "defer_kl" if defer_kl else "defer_scores"
+            raise ValueError(f"{name} needs autoreset_mode='Disabled' (a batch ends when all its rows end)")
         mask = (
             np.ones(self.num_envs, dtype=bool)
             if options.get("reset_mask") is None
@@ -155,7 +163,11 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
         if not self.engine.started and not mask.all():
             raise ValueError("the first reset must reset every row")
         if defer and not mask.all():
-            raise ValueError("defer_scores applies to a whole batch: reset every row")
+            raise ValueError(f"{'defer_kl' if defer_kl else 'defer_scores'} applies to a whole batch: reset every row")
+        if self.engine.defer_kl and not mask.all():
+            raise ValueError("this batch defers its KL (no reference cache to splice rows into): reset every row")
+        if defer_kl and self.engine.kl_estimator == "full":
+            raise ValueError("defer_kl needs a single-sample KL estimator (k1, k2, k3), not 'full'")
         if seed is not None:
             seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
             if len(seeds) != self.num_envs:
@@ -170,7 +182,7 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
             prompts = [self.prompt_source.encode(t) for t in texts]
         else:
             prompts = [self.prompt_source.sample(self._row_rngs[i], 1)[0] for i in rows]
-        self.engine.reset_rows(rows, prompts, defer_scores=defer)
+        self.engine.reset_rows(rows, prompts, defer_scores=defer, defer_kl=defer_kl)
         self._autoreset[rows] = False
         texts = np.array([p.text for p in self.engine.prompts], dtype=object)
         return self._observations(), {"prompt": texts, "_prompt": mask.copy()}
@@ -208,13 +220,14 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
             self.engine.reset_rows(rows, [self.prompt_source.sample(self._row_rngs[i], 1)[0] for i in rows])
         self._autoreset = out.terminated.copy()
 
+        known_kl = active & (not self.engine.defer_kl)  # a deferred-KL batch reports its KL when it ends
         infos: dict[str, Any] = {
             "logprob": out.logprob,
             "_logprob": active,
             "ref_logprob": out.ref_logprob,
-            "_ref_logprob": active,
+            "_ref_logprob": known_kl,
             "kl": out.kl,
-            "_kl": active,
+            "_kl": known_kl,
             "kl_coef": np.full(self.num_envs, out.kl_coef),
             "_kl_coef": np.ones(self.num_envs, dtype=bool),
         }
@@ -228,8 +241,15 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
                 text[r] = t
                 prompt[r] = self.engine.prompts[r].text  # type: ignore[union-attr]
             infos.update(score=out.scores, _score=scored, text=text, _text=scored, prompt=prompt, _prompt=scored)
-        if ended.any():
-            infos.update(episode_kl=out.episode_kl, _episode_kl=ended)
+        everyone = np.ones(self.num_envs, dtype=bool)
+        if out.deferred_kl is not None:
+            deferred = out.deferred_kl
+            for name, values in (("token_logprob", deferred.logprob), ("token_ref_logprob", deferred.ref_logprob),
+                                 ("token_kl", deferred.kl), ("token_reward", deferred.rewards)):  # fmt: skip
+                infos[name], infos[f"_{name}"] = values, everyone
+        reported = everyone if out.deferred_kl is not None else ended & (not self.engine.defer_kl)
+        if reported.any():  # the rows that ended (deferring the KL: every row, once the batch has ended)
+            infos.update(episode_kl=out.episode_kl, _episode_kl=reported)
         if resetting.any():
             infos["reset"] = resetting
             infos["_reset"] = resetting
