@@ -6,15 +6,16 @@
 #
 #   bash benchmarks/gpu_wheels.sh              # here, once: wheels for packages the GPU image lacks
 #   bash benchmarks/gpu_suite.sh               # there, in the repository root (carry .whl)
-#   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo, update
-#                                              # (and the extras profile, components)
+#   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo, update,
+#                                              # deferred, ppo_deferred (and the extras profile, components)
 #
 # Each compiled shape compiles once (tens of seconds on a GPU), so the whole suite can pass a 10-minute
-# limit per command: then run it in several calls, e.g. "tests rollout", "update ppo" and "scaling".
+# limit per command: then run it in several calls, e.g. "tests rollout", "update ppo", "scaling deferred"
+# and "ppo_deferred".
 #
 # Output goes to $OUT (or benchmarks/results/), one log per benchmark, to be copied into docs/benchmarks.md.
 set -uo pipefail
-parts=${*:-tests rollout scaling ppo update}
+parts=${*:-tests rollout scaling ppo update deferred ppo_deferred}
 want() { [[ " $parts " == *" $1 "* ]]; }
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -62,4 +63,17 @@ if want ppo; then
   run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 --decoding compiled
   run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 256 --minibatches 4 --iterations 2 \
     --decoding compiled
+fi
+# The opt-in deferred KL (one reference forward over the finished batch, as TRL computes it, instead of one
+# cached reference forward per token): the same figures with --defer-kl.
+if want deferred; then
+  for batch in 64 256; do
+    run rollout_deferred python3 benchmarks/rollout.py $gpt2 --new 128 --batch $batch --decoding compiled --defer-kl
+  done
+fi
+if want ppo_deferred; then
+  run ppo_vs_trl_deferred python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 \
+    --decoding compiled --defer-kl
+  run ppo_vs_trl_deferred python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 256 --minibatches 4 \
+    --iterations 2 --decoding compiled --defer-kl
 fi

@@ -18,8 +18,9 @@ from transformers import PreTrainedModel
 
 from textenv.models import action_space_size, position_ids_from_mask
 
-MAX_LOGIT_ELEMENTS = 2**26
-"""Logits per chunk (256 MiB in float32): big enough that a GPU runs wide, small next to the models."""
+MAX_LOGIT_ELEMENTS = 2**27
+"""Logits per chunk (512 MiB as float32): for GPT-2 at 128 new tokens, 20 rows per forward, wide enough for a
+GPU; a rollout's transient, not the PPO peak (that is the update's)."""
 
 
 @torch.no_grad()
