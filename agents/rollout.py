@@ -3,7 +3,8 @@
 Every agent in `agents/` gathers experience the same way: reset the vector env (autoreset disabled), then
 per step read the policy's sampling distribution from the env-bound `PolicyLink` (one cached forward per
 token, shared with the env's KL term), sample, and step the env, whose rewards already hold
-``-β·KL_t`` plus the score at the end. In the update, every agent needs the log-probs of the taken tokens
+``-β·KL_t`` plus the score at the end (with ``defer_kl``, the env hands over every ``-β·KL_t`` when the
+batch ends, from one reference forward over it). In the update, every agent needs the log-probs of the taken tokens
 under the current policy from one full-sequence forward. Both live here so the algorithms differ only in
 their advantages and losses.
 """
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +71,7 @@ def collect_rollout(
     T, B = env.engine.max_new_tokens, env.num_envs
     # One reward-model call for the whole batch, when its last episode ends (not one per step in which some
     # episode ended); each score is then added at its episode's last token below.
-    options: dict = {"defer_scores": True, "defer_kl": defer_kl}
+    options: dict[str, Any] = {"defer_scores": True, "defer_kl": defer_kl}
     env.reset(options=options if prompts is None else {**options, "prompts": list(prompts)})
     device = link.model.device if link.model is not None else env.engine.device
     logprobs, values = torch.zeros(B, T, device=device), torch.zeros(B, T, device=device)

@@ -28,9 +28,10 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$out/device.txt"
-# First the numbers: the static and compiled (CUDA-graph) decode paths against the dynamic cache, on the GPU.
+# First the numbers: the static and compiled (CUDA-graph) decode paths against the dynamic cache, and the
+# deferred KL against the per-token one, on the GPU.
 if want tests; then
-  TEXTENV_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_static_decoding.py 2>&1 \
+  TEXTENV_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_static_decoding.py tests/test_deferred_kl.py 2>&1 \
     | tee "$out/gpu_tests.txt"
 fi
 gpt2="--shape gpt2 --prompt 64 --device cuda --bf16"

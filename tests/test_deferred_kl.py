@@ -1,18 +1,27 @@
-"""Deferred KL: one reference forward per finished batch gives the same KL, rewards and β as one per token."""
+"""Deferred KL: one reference forward per finished batch gives the same KL, rewards and β as one per token.
+
+The tests run on the CPU. ``TEXTENV_TEST_DEVICE=cuda`` runs the env-level ones on a GPU instead
+(benchmarks/gpu_suite.sh does), where the full-sequence forward and the cached one use different kernels.
+"""
+
+import os
 
 import numpy as np
 import pytest
 import torch
 
+import textenv.sequence_logprobs
 from agents.ppo import PPOAgent, PPOConfig
 from agents.reinforce import RLOOAgent, RLOOConfig
 from agents.value_head import PolicyWithValueHead
 from textenv import AdaptiveKLController, PolicyLink
+from textenv.errors import InvalidActionError
 from textenv.sequence_logprobs import token_logprobs
 from textenv.toy import make_toy_env, toy_components
 
 B, T = 6, 8
 TOL = 1e-5
+DEVICE = torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu"))
 
 
 class CountingReward:
@@ -27,24 +36,31 @@ class CountingReward:
         return self.inner.score(prompts, completions)
 
 
-def play(defer_kl: bool, estimator: str = "k1"):
-    """One batch sampled from a policy that is not the reference, rows ending at different steps."""
-    reward = CountingReward()
+def policy_env(estimator: str = "k1", decoding: str = "dynamic", kl_coef=None, **kwargs):
+    """The toy vector env (B rows, stop token "good") with a bound policy that is not the reference;
+    by default an adaptive KL controller that moves fast."""
     venv = make_toy_env(
-        B, reward_fn=reward, stop_tokens=("good",), autoreset_mode="Disabled", max_new_tokens=T,
-        kl_estimator=estimator, kl_coef=AdaptiveKLController(0.2, target=1.0, horizon=10),
+        B, stop_tokens=("good",), autoreset_mode="Disabled", max_new_tokens=T, kl_estimator=estimator,
+        kl_coef=kl_coef or AdaptiveKLController(0.2, target=1.0, horizon=10), device=DEVICE, decoding=decoding,
+        **kwargs,
     )  # fmt: skip
-    link = venv.bind_policy(PolicyLink(toy_components(seed=3)["model"]))
-    venv.reset(seed=0, options={"defer_scores": True, "defer_kl": defer_kl})
+    link = venv.bind_policy(PolicyLink(toy_components(seed=3)["model"].to(DEVICE), decoding=decoding))
+    return venv, link
+
+
+def play(venv, link, options: dict, seed: int = 0):
+    """One batch sampled from the bound policy, some tokens replaced by the stop token so rows end at
+    different steps; returns ``[(rewards, terminated, info), ...]``."""
+    venv.reset(seed=seed, options=options)
     good = venv.tokenizer.convert_tokens_to_ids("good")
-    gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     steps = []
     while not venv.done.all():
-        actions = link.sample(gen).numpy()
+        actions = link.sample(gen).cpu().numpy()
         actions[rng.random(B) < 0.15] = good
         _, rewards, terminated, _, info = venv.step(actions)
         steps.append((rewards, terminated, info))
-    return venv, steps, reward.calls
+    return steps
 
 
 def per_token(steps, key: str) -> np.ndarray:
@@ -55,23 +71,38 @@ def per_token(steps, key: str) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k3"])
-def test_deferred_kl_matches_the_per_token_kl(estimator):
-    env, steps, calls = play(defer_kl=False, estimator=estimator)
-    env_d, steps_d, calls_d = play(defer_kl=True, estimator=estimator)
-    lengths = env.engine.gen_len.numpy()
-    assert len(set(lengths)) > 1, "every row ended at the same step: nothing ends early"
-    np.testing.assert_array_equal(env.engine.ids.numpy(), env_d.engine.ids.numpy())  # the same episodes
-    assert calls == calls_d == 1
-    *before, (_, _, last) = steps_d
-    for rewards, _, info in before:  # nothing about the KL is known before the batch ends
-        assert not rewards.any() and not info["_kl"].any() and "token_kl" not in info and "episode_kl" not in info
+def assert_same_kl(per_step_steps, deferred_last: dict, lengths: np.ndarray) -> None:
+    """The deferred batch's per-token values equal the per-step ones (and nothing past each episode's end)."""
     generated = np.arange(T) < lengths[:, None]
     for key in ("logprob", "ref_logprob", "kl"):
-        np.testing.assert_allclose(last[f"token_{key}"], per_token(steps, key), atol=TOL, err_msg=key)
-    assert np.isnan(last["token_kl"][~generated]).all() and not np.isnan(last["token_kl"][generated]).any()
-    rewards = np.stack([r for r, _, _ in steps], axis=1)  # defer_scores: -β·KL_t only
-    np.testing.assert_allclose(last["token_reward"], np.where(generated, rewards, 0.0), atol=TOL)
+        np.testing.assert_allclose(deferred_last[f"token_{key}"], per_token(per_step_steps, key), atol=TOL, err_msg=key)
+    assert np.isnan(deferred_last["token_kl"][~generated]).all()
+    assert not np.isnan(deferred_last["token_kl"][generated]).any()
+    rewards = np.stack([r for r, _, _ in per_step_steps], axis=1)  # defer_scores: -β·KL_t only
+    np.testing.assert_allclose(deferred_last["token_reward"], np.where(generated, rewards, 0.0), atol=TOL)
+
+
+@pytest.mark.parametrize(
+    "estimator, decoding, one_row_chunks", [("k1", "dynamic", False), ("k2", "static", True), ("k3", "dynamic", True)]
+)
+def test_deferred_kl_matches_the_per_token_kl(estimator, decoding, one_row_chunks, monkeypatch):
+    if one_row_chunks:  # the batch's reference forward in B chunks of one row
+        monkeypatch.setattr(textenv.sequence_logprobs, "MAX_LOGIT_ELEMENTS", 1)
+    reward, reward_d = CountingReward(), CountingReward()
+    env, link = policy_env(estimator, decoding, reward_fn=reward)
+    env_d, link_d = policy_env(estimator, decoding, reward_fn=reward_d)
+    steps = play(env, link, {"defer_scores": True})
+    steps_d = play(env_d, link_d, {"defer_kl": True})
+    lengths = env.engine.gen_len.cpu().numpy()
+    assert len(set(lengths)) > 1, "every row ended at the same step: nothing ends early"
+    np.testing.assert_array_equal(env.engine.ids.cpu().numpy(), env_d.engine.ids.cpu().numpy())  # same episodes
+    assert reward.calls == reward_d.calls == 1
+    *before, (_, _, last) = steps_d
+    for rewards, _, info in before:  # nothing about the KL is known before the batch ends
+        assert not rewards.any() and not info["_kl"].any() and not info["_ref_logprob"].any()
+        assert np.isnan(info["kl"]).all() and np.isnan(info["ref_logprob"]).all()
+        assert "token_kl" not in info and "episode_kl" not in info
+    assert_same_kl(steps, last, lengths)
     assert last["_episode_kl"].all()
     ended_kl = np.full(B, np.nan)
     for _, terminated, info in steps:
@@ -84,22 +115,61 @@ def test_deferred_kl_matches_the_per_token_kl(estimator):
     assert env_d.engine.kl_controller.value != 0.2  # the controller moved once, with the deferred KL
 
 
+def test_batches_of_either_kind_follow_each_other():
+    """Per-token, deferred, per-token, deferred on one env: each batch as on an env that ran only it."""
+    env, link = policy_env(kl_coef=0.1)  # a fixed β: a fresh env's β is the same
+    for seed, defer_kl in ((1, False), (2, True), (3, False), (4, True)):
+        steps = play(env, link, {"defer_scores": True, "defer_kl": defer_kl}, seed=seed)
+        fresh, fresh_link = policy_env(kl_coef=0.1)
+        fresh_steps = play(fresh, fresh_link, {"defer_scores": True}, seed=seed)
+        np.testing.assert_array_equal(env.engine.ids.cpu().numpy(), fresh.engine.ids.cpu().numpy())
+        if defer_kl:
+            assert_same_kl(fresh_steps, steps[-1][2], fresh.engine.gen_len.cpu().numpy())
+        else:
+            np.testing.assert_allclose(per_token(steps, "kl"), per_token(fresh_steps, "kl"), atol=TOL)
+
+
 def test_deferred_kl_runs_one_reference_forward_per_batch():
     calls = []
-    env, _, _ = play(defer_kl=False)
+    env, link = policy_env()
+    play(env, link, {"defer_scores": True})
     per_token_forwards = env.engine.reference.forward_calls
-    env_d = make_toy_env(B, autoreset_mode="Disabled", max_new_tokens=T, render_mode="ansi")
-    env_d.bind_policy(PolicyLink(toy_components(seed=3)["model"]))
+    env_d, link_d = policy_env(render_mode="ansi")
     env_d.reference_model.register_forward_hook(lambda *_: calls.append(1))
-    env_d.reset(seed=0, options={"defer_kl": True})
-    while not env_d.done.all():
-        *_, info = env_d.step(np.full(B, 5))
+    steps = play(env_d, link_d, {"defer_kl": True})
     assert per_token_forwards > T / 2  # the prefill and one cached forward per step
     assert env_d.engine.reference.forward_calls == 0 and len(calls) == 1
+    env_d.engine.step(torch.zeros(B, dtype=torch.long), np.zeros(B, dtype=bool))  # nothing active: no rerun
+    assert len(calls) == 1
     # What `render` shows is filled in once the KL is known.
+    info = steps[-1][2]
     records = env_d.engine.history[2]
-    assert [r.kl for r in records] == pytest.approx(info["token_kl"][2].tolist(), abs=1e-9)
-    assert [r.reward for r in records] == pytest.approx(info["token_reward"][2].tolist(), abs=1e-9)
+    assert [r.kl for r in records] == pytest.approx(info["token_kl"][2, : len(records)].tolist(), abs=1e-9)
+    assert [r.reward for r in records] == pytest.approx(info["token_reward"][2, : len(records)].tolist(), abs=1e-9)
+
+
+def test_an_invalid_action_in_a_deferred_batch_changes_nothing():
+    env, link = policy_env()
+    twin, twin_link = policy_env()
+    env.reset(seed=0, options={"defer_kl": True})
+    twin.reset(seed=0, options={"defer_kl": True})
+    gen = torch.Generator().manual_seed(0)
+    last = None
+    for t in range(T):
+        actions = link.sample(gen).cpu().numpy()
+        twin_link.logprobs()  # the twin's policy sees the same states
+        if t == 2:
+            bad = actions.copy()
+            bad[1] = env.action_space.nvec[0]  # one past the action space
+            with pytest.raises(InvalidActionError):
+                env.step(bad)
+        *_, last = env.step(actions)
+        *_, twin_last = twin.step(actions)
+        if env.done.all():
+            break
+    assert env.done.all() and twin.done.all()
+    for key in ("token_logprob", "token_ref_logprob", "token_kl", "token_reward"):
+        np.testing.assert_array_equal(last[key], twin_last[key])
 
 
 def test_token_logprobs_in_chunks_match_one_forward_and_unpadded_forwards():
@@ -126,18 +196,21 @@ def test_defer_kl_refuses_what_it_cannot_do_and_leaves_the_env_usable():
         make_toy_env(2).reset(seed=0, options={"defer_kl": True})
     with pytest.raises(ValueError, match="single-sample"):
         make_toy_env(2, autoreset_mode="Disabled", kl_estimator="full").reset(seed=0, options={"defer_kl": True})
-    venv = make_toy_env(2, autoreset_mode="Disabled")
-    venv.reset(seed=0, options={"defer_kl": True})
-    venv.step(np.array([5, venv.tokenizer.eos_token_id]))  # row 1 ends
+    venv, twin = (make_toy_env(2, autoreset_mode="Disabled") for _ in range(2))
+    for env in (venv, twin):
+        env.reset(seed=0, options={"defer_kl": True})
+        env.step(np.array([5, env.tokenizer.eos_token_id]))  # row 1 ends
     before = [p.text for p in venv.engine.prompts]
     with pytest.raises(ValueError, match="defers its KL"):
         venv.reset(options={"reset_mask": [False, True]})
-    assert [p.text for p in venv.engine.prompts] == before  # nothing changed
     with pytest.raises(ValueError, match="defers its KL"):
-        venv.engine.reset_rows([1], before[:1])
-    _, _, _, _, info = venv.step(np.array([venv.tokenizer.eos_token_id, 5]))  # the batch ends and is scored
-    assert info["_token_kl"].all() and np.isfinite(info["episode_kl"]).all()
-    venv.reset(seed=1)  # a per-token batch follows
+        venv.engine.reset_rows([1], venv.engine.prompts[1:])
+    assert [p.text for p in venv.engine.prompts] == before  # nothing changed
+    for env in (venv, twin):
+        _, _, _, _, info = env.step(np.array([env.tokenizer.eos_token_id, 5]))  # the batch ends and is scored
+        assert info["_token_kl"].all() and np.isfinite(info["episode_kl"]).all()
+        env.reset()  # a per-token batch follows, with the prompts each row's generator draws next
+    assert [p.text for p in venv.engine.prompts] == [p.text for p in twin.engine.prompts]  # no draw was lost
     _, _, _, _, info = venv.step(np.array([5, 6]))
     assert info["_kl"].all()
 

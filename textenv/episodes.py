@@ -3,7 +3,8 @@
 `TextGenerationEnv` is this engine with one row, `TextGenerationVectorEnv` with B rows, so the single and
 batched envs cannot drift apart: the same code appends tokens, runs the reference LM (one incremental
 forward per step for the whole batch), computes the KL term, decides termination and calls the reward
-function once for all episodes that finished in a step.
+function once for all episodes that finished in a step. A batch can instead defer the KL and the scores
+to its end (`EpisodeBatch.reset_rows`): one reference forward and one reward call per batch.
 
 Layout of a row (the observation): ``L = max_prompt_tokens + max_new_tokens`` slots; the prompt is
 left-padded into the first ``max_prompt_tokens`` slots (so generation always starts at the same index) and
@@ -37,6 +38,8 @@ class StepResult:
     """What one step of the engine produced, as host arrays of shape ``(B,)``.
 
     Rows that were not active this step (finished, or being reset) have reward 0, kl 0 and NaN log-probs.
+    In a deferred-KL batch every row's ``kl`` and ``ref_logprob`` are NaN and its rewards 0 until
+    ``deferred_kl`` arrives, on the step the batch ends.
     """
 
     rewards: np.ndarray
@@ -53,9 +56,10 @@ class StepResult:
 
 @dataclass
 class DeferredKL:
-    """A deferred-KL batch's per-token terms, ``(B, max_new_tokens)`` host arrays, NaN past each episode's end.
+    """A deferred-KL batch's per-token terms, ``(B, max_new_tokens)`` host arrays.
 
-    ``rewards`` is ``-β·kl`` with the β of the batch (the step rewards of such a batch leave it out).
+    ``logprob``, ``ref_logprob`` and ``kl`` are NaN past each episode's end. ``rewards`` is ``-β·kl`` with the
+    β of the batch (the step rewards of such a batch leave it out), and 0 past each episode's end.
     """
 
     logprob: np.ndarray
@@ -182,6 +186,19 @@ class EpisodeBatch:
         return [self.ids[r][self.mask[r].bool()] for r in range(self.num_rows)]
 
     # ------------------------------------------------------------------------------------- reset
+    def check_deferral(self, whole: bool, defer_scores: bool, defer_kl: bool) -> None:
+        """Raise if a reset of every row (``whole``) or of some rows cannot defer as asked; changes nothing.
+
+        The vector env calls it before it draws prompts, so a refused reset leaves its generators untouched.
+        """
+        if defer_kl and self.kl_estimator == "full":
+            raise ValueError("defer_kl needs a single-sample KL estimator (k1, k2, k3), not 'full'")
+        if (defer_scores or defer_kl) and not whole:
+            name = "defer_kl" if defer_kl else "defer_scores"
+            raise ValueError(f"{name} applies to a whole batch: reset every row")
+        if self.defer_kl and not whole:
+            raise ValueError("this batch defers its KL (no reference cache to splice rows into): reset every row")
+
     def reset_rows(
         self, rows: Sequence[int], prompts: Sequence[Prompt], defer_scores: bool = False, defer_kl: bool = False
     ) -> None:
@@ -200,12 +217,7 @@ class EpisodeBatch:
         """
         rows = list(rows)
         whole = len(rows) == self.num_rows
-        if defer_kl and self.kl_estimator == "full":
-            raise ValueError("defer_kl needs a single-sample KL estimator (k1, k2, k3), not 'full'")
-        if (defer_scores or defer_kl) and not whole:
-            raise ValueError(f"{'defer_kl' if defer_kl else 'defer_scores'} applies to a whole batch: reset every row")
-        if self.defer_kl and not whole:
-            raise ValueError("this batch defers its KL (no reference cache to splice rows into): reset every row")
+        self.check_deferral(whole, defer_scores, defer_kl)
         self._host_observation = None
         if len(prompts) != len(rows):
             raise ValueError(f"{len(rows)} rows to reset but {len(prompts)} prompts")
@@ -302,7 +314,8 @@ class EpisodeBatch:
         if self.defer_kl:  # keep the policy's log-prob for the KL at the batch's end
             assert token_logprob is not None
             at = self.gen_len.clamp(max=self.max_new_tokens - 1).view(-1, 1)
-            token_logprob = token_logprob.scatter(1, at, torch.where(write, lp, token_logprob.gather(1, at).squeeze(1)).view(-1, 1))
+            kept = torch.where(write.view(-1, 1), lp.view(-1, 1), token_logprob.gather(1, at))
+            token_logprob = token_logprob.scatter(1, at, kept)
 
         # 3. one host read for everything the caller sees.
         values = torch.stack([lp, ref_lp, kl, terminated_t.float()]).float()
@@ -337,7 +350,7 @@ class EpisodeBatch:
         deferred = None
         if not self.defer_kl:
             episode_kl[ended] = self.episode_kl[ended]
-        elif self.done.all():
+        elif len(ended) and self.done.all():  # the step that ended the batch's last episode
             deferred = self._deferred_kl(beta)
             episode_kl[:] = self.episode_kl
         if self.defer_scores:
@@ -376,13 +389,12 @@ class EpisodeBatch:
         assert self._token_logprob is not None
         P, T = self.max_prompt_tokens, self.max_new_tokens
         ref = token_logprobs(self.ref_model, self.ids, self.mask, P, T)
-        generated = self.mask[:, P:].bool()
         kl = kl_penalty(self._token_logprob, ref, self.kl_estimator)
-        lp_np, ref_np, kl_np = (
-            a.astype(np.float64) for a in to_host(*(x.masked_fill(~generated, math.nan) for x in (self._token_logprob, ref, kl)))
-        )
-        self.episode_kl[:] = np.nansum(kl_np, axis=1)
-        return DeferredKL(lp_np, ref_np, kl_np, np.where(np.isnan(kl_np), 0.0, -beta * kl_np))
+        lp_np, ref_np, kl_np, generated = to_host(self._token_logprob, ref, kl, self.mask[:, P:].bool())
+        lp_np, ref_np, kl_np = (np.where(generated, a.astype(np.float64), np.nan) for a in (lp_np, ref_np, kl_np))
+        # Past an episode's end there is nothing (NaN; reward 0). On its tokens a NaN stays NaN, as per token.
+        self.episode_kl[:] = np.where(generated, kl_np, 0.0).sum(1)
+        return DeferredKL(lp_np, ref_np, kl_np, np.where(generated, -beta * kl_np, 0.0))
 
     # ------------------------------------------------------------------------------------- text
     def completion_ids(self, row: int) -> torch.Tensor:

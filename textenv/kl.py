@@ -29,8 +29,9 @@ def kl_penalty(
 ) -> torch.Tensor:
     """Per-token KL estimate.
 
-    :param logprob: ``(B,)`` log π(a) of the sampled tokens under the sampling distribution.
-    :param ref_logprob: ``(B,)`` log π_ref(a).
+    :param logprob: ``(B,)`` log π(a) of the sampled tokens under the sampling distribution (or any shape,
+        e.g. ``(B, T)`` for a deferred batch, with the single-sample estimators).
+    :param ref_logprob: log π_ref(a), the same shape.
     :param estimator: one of ``k1``, ``k2``, ``k3``, ``full``.
     :param policy_logprobs: ``(B, V)`` the policy's whole sampling distribution (``full`` only).
     :param ref_logprobs: ``(B, V)`` the reference's whole distribution (``full`` only).

@@ -3,8 +3,9 @@
 The per-token reference forward (`textenv.incremental`) is what lets the env report ``ref_logprob`` and
 ``kl`` at every step. A batch trainer that only needs them once its episodes have ended can instead run the
 reference once over the finished sequences, as TRL and OpenRLHF do: one wide forward per chunk of rows
-instead of one narrow cached forward per token, which on a GPU is a few tens of milliseconds where the
-per-token graph replays were most of a second at batch 256 (docs/benchmarks.md). This module is that
+instead of one narrow cached forward per token. On an H100 at batch 256 the reference's per-token graph
+replays took 0.185 s of a 0.53 s rollout's GPU time (docs/benchmarks.md); one wide forward is estimated at
+a few tens of milliseconds. This module is that
 forward; `textenv.episodes.EpisodeBatch` runs it for ``reset(options={"defer_kl": True})``.
 
 Memory: a forward over ``b`` rows keeps ``b × n × V`` logits (plus one float32 copy for the log-sum-exp).
@@ -30,7 +31,7 @@ def token_logprobs(
     mask: torch.Tensor,
     first: int,
     count: int,
-    max_elements: int = MAX_LOGIT_ELEMENTS,
+    max_elements: int | None = None,
 ) -> torch.Tensor:
     """``(B, count)`` float32 log-probs of ``ids[:, first : first + count]`` under ``model``.
 
@@ -40,13 +41,15 @@ def token_logprobs(
         computed but meaningless; the caller masks them.
     :param first: the column of the first token to score (``≥ 1``: it needs a token before it).
     :param count: how many columns to score.
-    :param max_elements: a soft bound on the logits of one chunk (at least one row per chunk).
+    :param max_elements: a soft bound on the logits of one chunk (at least one row per chunk); default
+        `MAX_LOGIT_ELEMENTS`, read at call time.
     """
     if not 1 <= first <= ids.shape[1] - count or count < 1:
         raise ValueError(f"cannot score columns [{first}, {first + count}) of sequences of length {ids.shape[1]}")
     end = first + count - 1  # the forward's input: every token that predicts a scored one
     targets = ids[:, first : first + count]
-    rows_per_chunk = max(1, max_elements // (count * action_space_size(model)))
+    budget = MAX_LOGIT_ELEMENTS if max_elements is None else max_elements
+    rows_per_chunk = max(1, budget // (count * action_space_size(model)))
     out = []
     for start in range(0, ids.shape[0], rows_per_chunk):
         chunk = slice(start, start + rows_per_chunk)

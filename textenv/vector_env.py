@@ -54,7 +54,8 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
     ## Rewards
     As the single env, per row. ``infos`` holds arrays ``logprob``, ``ref_logprob``, ``kl``, ``kl_coef``
     every step, and ``score``, ``text``, ``prompt``, ``episode_kl`` for rows that ended (Gymnasium's
-    ``_name`` masks say which rows carry a value).
+    ``_name`` masks say which rows carry a value). A batch reset with ``defer_scores`` or ``defer_kl``
+    (see `reset`) gets its scores, or its scores and KL terms, on the step its last episode ends.
 
     ## Episode End
     Per row, as the single env. Autoreset (``metadata["autoreset_mode"]``):
@@ -141,7 +142,7 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
         policy's ``logprob`` only, step rewards are 0, and the last step's infos add ``token_logprob``,
         ``token_ref_logprob``, ``token_kl`` and ``token_reward`` (``-β·KL_t``), each ``(num_envs,
         max_new_tokens)`` with NaN (rewards: 0) past each episode's end, and every row's ``episode_kl``.
-        The step infos' ``kl`` and ``ref_logprob`` are masked out (``_kl`` false) until then.
+        The per-step ``kl`` and ``ref_logprob`` stay NaN and masked out (``_kl`` false) at every step.
         """
         options = dict(options or {})
         supported = ("prompts", "reset_mask", "defer_scores", "defer_kl")
@@ -162,12 +163,7 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
             raise ValueError(f"reset_mask must have shape ({self.num_envs},), got {mask.shape}")
         if not self.engine.started and not mask.all():
             raise ValueError("the first reset must reset every row")
-        if defer and not mask.all():
-            raise ValueError(f"{'defer_kl' if defer_kl else 'defer_scores'} applies to a whole batch: reset every row")
-        if self.engine.defer_kl and not mask.all():
-            raise ValueError("this batch defers its KL (no reference cache to splice rows into): reset every row")
-        if defer_kl and self.engine.kl_estimator == "full":
-            raise ValueError("defer_kl needs a single-sample KL estimator (k1, k2, k3), not 'full'")
+        self.engine.check_deferral(bool(mask.all()), defer, defer_kl)  # before any generator is drawn from
         if seed is not None:
             seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
             if len(seeds) != self.num_envs:
@@ -241,13 +237,12 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
                 text[r] = t
                 prompt[r] = self.engine.prompts[r].text  # type: ignore[union-attr]
             infos.update(score=out.scores, _score=scored, text=text, _text=scored, prompt=prompt, _prompt=scored)
-        everyone = np.ones(self.num_envs, dtype=bool)
-        if out.deferred_kl is not None:
-            deferred = out.deferred_kl
+        deferred = out.deferred_kl
+        if deferred is not None:
             for name, values in (("token_logprob", deferred.logprob), ("token_ref_logprob", deferred.ref_logprob),
                                  ("token_kl", deferred.kl), ("token_reward", deferred.rewards)):  # fmt: skip
-                infos[name], infos[f"_{name}"] = values, everyone
-        reported = everyone if out.deferred_kl is not None else ended & (not self.engine.defer_kl)
+                infos[name], infos[f"_{name}"] = values, np.ones(self.num_envs, dtype=bool)
+        reported = np.ones(self.num_envs, dtype=bool) if deferred is not None else ended & (not self.engine.defer_kl)
         if reported.any():  # the rows that ended (deferring the KL: every row, once the batch has ended)
             infos.update(episode_kl=out.episode_kl, _episode_kl=reported)
         if resetting.any():
