@@ -9,6 +9,9 @@ on the policy's trunk. TRL is an optional benchmark dependency: ``pip install -e
     python benchmarks/ppo_vs_trl.py --shape gpt2 --batch 64 --prompt 64 --new 128 --device cuda --bf16 --decoding compiled
 
 With ``--decoding compiled`` one rollout runs before the timed iterations so that compiling is not timed.
+``--warmup N`` runs N whole iterations on each side before the timed ones (first-use costs such as CUDA's
+lazy kernel loading, cuBLAS workspaces and the allocator's growth then fall outside the timing; the peak
+memory still covers them). Both sides' times per iteration are printed, so a slow first iteration shows.
 On a GPU the peak memory is ``torch.cuda.max_memory_allocated``: everything on the GPU, the shared models
 that both sides copy from included. On the CPU, ``--cpu-memory`` counts the same things (every model's
 parameters and buffers plus the peak of the tensors the iterations allocate, `benchmarks.live_memory`);
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import itertools
 import os
 import sys
 import tempfile
@@ -27,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
@@ -68,7 +73,14 @@ def models_of(models: dict) -> list[torch.nn.Module]:
     return [m for m in models.values() if isinstance(m, torch.nn.Module)]
 
 
-def run_textenv(models, prompts, args) -> tuple[float, float | None, dict[str, float]]:
+def synchronized_clock(device: str) -> float:
+    """``time.perf_counter()`` once the GPU's queue has drained (so a time covers the work, not its launch)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def run_textenv(models, prompts, args) -> tuple[float, float | None, dict]:
     # The frozen reference and RM need no fp32 master weights: with --bf16 they run in bf16 (the policy
     # keeps fp32 weights under bf16 autocast, like TRL's mixed precision).
     frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -89,28 +101,49 @@ def run_textenv(models, prompts, args) -> tuple[float, float | None, dict[str, f
     if args.decoding == "compiled":
         agent.rollout()  # compile the decode steps outside the timed iterations
     peak = PeakMemory(args.device, args.cpu_memory)
-    start = time.perf_counter()
-    split = {"rollout_seconds": 0.0, "update_seconds": 0.0}
+    split: dict = {"rollout_seconds": 0.0, "update_seconds": 0.0, "iteration_seconds": []}
     with peak.measure(*models_of(models), agent.policy, reference, reward):
+        for _ in range(args.warmup):
+            agent.iteration_step()
+        start = stamp = synchronized_clock(args.device)
         for _ in range(args.iterations):
             stats = agent.iteration_step()
-            for key in split:
+            now = synchronized_clock(args.device)
+            split["iteration_seconds"].append(now - stamp)
+            stamp = now
+            for key in ("rollout_seconds", "update_seconds"):
                 split[key] += stats[key] / args.iterations
-    return args.batch * args.iterations / (time.perf_counter() - start), peak.gib, split
+    return args.batch * args.iterations / (stamp - start), peak.gib, split
 
 
-def run_trl(models, prompts, args, config) -> tuple[float, float | None]:
+class IterationClock(TrainerCallback):
+    """Stamps the time when TRL's training starts and after each of its PPO iterations (``on_step_end``)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def on_train_begin(self, *args, **kwargs) -> None:
+        self.stamps.append(synchronized_clock(self.device))
+
+    def on_step_end(self, *args, **kwargs) -> None:
+        self.stamps.append(synchronized_clock(self.device))
+
+
+def run_trl(models, prompts, args, config) -> tuple[float, float | None, list[float]]:
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig as TRLConfig
     from trl.experimental.ppo import PPOTrainer
 
     tokenizer = models["tokenizer"]
-    dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts * args.iterations]})
+    iterations = args.warmup + args.iterations
+    dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts * iterations]})
     value_model = build_tiny_reward_model(config, seed=3).to(device=args.device)
+    clock = IterationClock(args.device)
     trl_args = TRLConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
         num_mini_batches=args.minibatches, num_ppo_epochs=4, response_length=args.new,
-        total_episodes=args.batch * args.iterations, local_rollout_forward_batch_size=args.batch,
+        total_episodes=args.batch * iterations, local_rollout_forward_batch_size=args.batch,
         num_sample_generations=0, report_to="none", save_strategy="no", bf16=args.bf16, kl_coef=0.05,
         temperature=1.0, stop_token=None, use_cpu=not args.device.startswith("cuda"), logging_steps=10**6,
         seed=0, dataloader_num_workers=0, gradient_checkpointing=False,  # textenv does not checkpoint either
@@ -118,20 +151,25 @@ def run_trl(models, prompts, args, config) -> tuple[float, float | None]:
     trainer = PPOTrainer(
         args=trl_args, processing_class=tokenizer, model=copy.deepcopy(models["policy"]),
         ref_model=copy.deepcopy(models["reference"]), reward_model=models["reward"], train_dataset=dataset,
-        value_model=value_model,
+        value_model=value_model, callbacks=[clock],
     )  # fmt: skip
     peak = PeakMemory(args.device, args.cpu_memory)
     start = time.perf_counter()
     # trainer.model: the policy and the value model
     with peak.measure(*models_of(models), trainer.model, trainer.ref_model, trainer.reward_model):
         trainer.train()
-    return args.batch * args.iterations / (time.perf_counter() - start), peak.gib
+    end = synchronized_clock(args.device)
+    if args.warmup:  # from the end of the last warm-up iteration
+        start = clock.stamps[args.warmup]
+    per_iteration = [b - a for a, b in itertools.pairwise(clock.stamps[args.warmup :])]
+    return args.batch * args.iterations / (end - start), peak.gib, per_iteration
 
 
 def main(argv: list[str] | None = None) -> dict[str, float | None]:
     parser = benchmark_parser(__doc__, batch=16, new=32, repeats=None)
     parser.add_argument("--minibatches", type=int, default=1, help="minibatches per PPO epoch (both sides)")
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=0, help="untimed whole iterations before the timed ones (both sides)")
     parser.add_argument("--cpu-memory", action="store_true", help="measure peak memory on the CPU too (slower)")
     args = parse_benchmark_args(parser, argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -145,19 +183,22 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     prompts = random_prompts(models["tokenizer"], args.batch, args.prompt)
     # TRL first: a compiled textenv run must not leave anything (compiled kernels' threads, cached memory)
     # behind that TRL's timing or peak memory would pay for.
-    trl, trl_mem = run_trl(models, prompts, args, config)
+    trl, trl_mem, trl_iterations = run_trl(models, prompts, args, config)
     gc.collect()  # TRL's trainer is gone before textenv's peak is measured
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     ours, ours_mem, split = run_textenv(models, prompts, args)
     print(f"shape={args.shape} batch={args.batch} minibatches={args.minibatches} prompt={args.prompt} new={args.new} "
-          f"epochs=4 iterations={args.iterations} device={args.device} bf16={args.bf16} decoding={args.decoding} "
-          f"defer_kl={args.defer_kl}")  # fmt: skip
+          f"epochs=4 iterations={args.iterations} warmup={args.warmup} device={args.device} bf16={args.bf16} "
+          f"decoding={args.decoding} defer_kl={args.defer_kl}")  # fmt: skip
     print(f"TRL PPOTrainer : {trl:8.2f} episodes/s" + (f"  peak {trl_mem:.2f} GiB" if trl_mem is not None else ""))
     print(f"textenv PPO    : {ours:8.2f} episodes/s" + (f"  peak {ours_mem:.2f} GiB" if ours_mem is not None else "")
           + f"  (per iteration: rollout {split['rollout_seconds']:.3f} s, update {split['update_seconds']:.3f} s)")
     print(f"ratio textenv/TRL: {ours / trl:.2f}x episodes/s" + (f", {ours_mem / trl_mem:.2f}x memory" if trl_mem else ""))
-    return {"textenv": ours, "trl": trl, "ratio": ours / trl, "textenv_mem": ours_mem, "trl_mem": trl_mem, **split}
+    seconds = lambda times: ", ".join(f"{t:.3f}" for t in times)  # noqa: E731
+    print(f"seconds per timed iteration: TRL {seconds(trl_iterations)}; textenv {seconds(split['iteration_seconds'])}")
+    return {"textenv": ours, "trl": trl, "ratio": ours / trl, "textenv_mem": ours_mem, "trl_mem": trl_mem,
+            "trl_iteration_seconds": trl_iterations, **split}  # fmt: skip
 
 
 if __name__ == "__main__":

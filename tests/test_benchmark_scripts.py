@@ -25,21 +25,23 @@ def test_scaling_benchmark_reports_every_length():
     assert all(r["ms_per_step"] > 0 and r["uncached_ms_per_step"] > 0 for r in rows)
 
 
-def run_tiny_textenv_side(decoding: str, cpu_memory: bool, defer_kl: bool = False):
+def run_tiny_textenv_side(decoding: str, cpu_memory: bool, defer_kl: bool = False, warmup: int = 0):
     """textenv's side of `ppo_vs_trl` on the tiny shape (4 episodes, 2 minibatches); returns the models too."""
     models = build("tiny", 12, "cpu", torch.float32)
     prompts = random_prompts(models["tokenizer"], 4, 4)
     args = types.SimpleNamespace(batch=4, minibatches=2, prompt=4, new=8, iterations=1, device="cpu", bf16=False,
-                                 decoding=decoding, cpu_memory=cpu_memory, defer_kl=defer_kl)  # fmt: skip
+                                 decoding=decoding, cpu_memory=cpu_memory, defer_kl=defer_kl, warmup=warmup)  # fmt: skip
     return models, ppo_vs_trl.run_textenv(models, prompts, args)
 
 
 def test_ppo_benchmark_textenv_side_runs_without_trl():
     """TRL is an optional extra; textenv's side of the comparison must not need it."""
-    _, (episodes_per_s, memory, split) = run_tiny_textenv_side("static", cpu_memory=False, defer_kl=True)
+    _, (episodes_per_s, memory, split) = run_tiny_textenv_side("static", cpu_memory=False, defer_kl=True, warmup=1)
     assert episodes_per_s > 0 and memory is None
     assert split["rollout_seconds"] > 0 and split["update_seconds"] > 0
     assert split["rollout_seconds"] + split["update_seconds"] < 4 / episodes_per_s  # both within the iteration
+    (iteration,) = split["iteration_seconds"]  # one timed iteration; the warm-up one is not timed
+    assert iteration == pytest.approx(4 / episodes_per_s)
 
 
 def test_ppo_benchmark_measures_cpu_memory_on_request():
