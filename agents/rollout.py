@@ -4,9 +4,9 @@ Every agent in `agents/` gathers experience the same way: reset the vector env (
 per step read the policy's sampling distribution from the env-bound `PolicyLink` (one cached forward per
 token, shared with the env's KL term), sample, and step the env, whose rewards already hold
 ``-β·KL_t`` plus the score at the end (with ``defer_kl``, the env hands over every ``-β·KL_t`` when the
-batch ends, from one reference forward over it). In the update, every agent needs the log-probs of the taken tokens
-under the current policy from one full-sequence forward. Both live here so the algorithms differ only in
-their advantages and losses.
+batch ends, from one reference forward over it). In the update, every agent needs the log-probs of the
+taken tokens under the current policy from one full-sequence forward. Both live here so the algorithms
+differ only in their advantages and losses.
 """
 
 from __future__ import annotations
