@@ -7,13 +7,15 @@ and the reward model once per finished sequence, which is spread here over the d
 The compiled decode step is also timed with dynamo's guard evaluation skipped
 (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): the difference is what checking the
 compiled graph's guards costs per call. Skipping them is unsafe in a real run (a changed autocast state,
-train/eval mode or cache shape would reuse the wrong graph), so this is a measurement only.
+train/eval mode or cache shape would reuse the wrong graph), so this is a measurement only. It needs
+torch >= 2.7; with an older torch that row is left out.
 
     python benchmarks/components.py --shape small --batch 64 --threads 1
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -35,6 +37,12 @@ from textenv.sampling import sample_tokens  # noqa: E402
 from textenv.static_decoding import make_decoder  # noqa: E402
 
 
+def can_skip_guards() -> bool:
+    """Whether this torch's ``set_stance`` can skip guard evaluation (torch >= 2.7)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance is not None and "skip_guard_eval_unsafe" in inspect.signature(set_stance).parameters
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_benchmark_args(benchmark_parser(__doc__, shape="small", textenv=False), argv)
     models = build(args.shape, args.prompt + args.new, args.device, torch.float32)
@@ -54,19 +62,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             decoder.step(torch.full((B,), 5, device=args.device))
 
     def decode_without_guards() -> None:
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):  # torch >= 2.7
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
             decode(decoders["compiled"])
 
     # The compiled step with and without the guard check, timed in turns: their difference is small.
-    decode(decoders["compiled"])
-    decode_without_guards()
-    compiled = timed_alternating(
-        {"guarded": lambda: decode(decoders["compiled"]), "unguarded": decode_without_guards}, args.device, args.repeats
-    )
+    compiled_steps = {"guarded": lambda: decode(decoders["compiled"])}
+    if can_skip_guards():
+        compiled_steps["unguarded"] = decode_without_guards
+    for run in compiled_steps.values():
+        run()  # compiles
+    compiled = timed_alternating(compiled_steps, args.device, args.repeats)
     ms = {
         "decode forward": timed(lambda: decode(decoders["dynamic"]), args.device, args.repeats)[0] / steps,
         "decode forward, decoding='compiled'": compiled["guarded"][0] / steps,
-        "  the same, guards not checked": compiled["unguarded"][0] / steps,
+        **({"  the same, guards not checked": compiled["unguarded"][0] / steps} if "unguarded" in compiled else {}),
         "HF sampling (softmax + multinomial)": timed(
             lambda: torch.multinomial(torch.softmax(logits, -1), 1), args.device, args.repeats
         )[0],
