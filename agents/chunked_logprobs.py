@@ -9,7 +9,9 @@ backward, the entropy statistic makes three more temporaries of that size, and t
 `chunked_taken_logprobs` computes the same values and the same gradient in chunks of sequences: autograd
 keeps the input logits in their own dtype (bf16 under autocast) instead of a float32 distribution, and
 only one chunk's float32 temporaries exist at a time; the backward recomputes each chunk's probabilities
-and writes ``(onehot(a) − p) · g / τ`` straight into a gradient of the logits' dtype. TRL's
+and writes ``(onehot(a) − p) · g / τ`` straight into a gradient of the logits' dtype. With top-k / top-p
+the forward also keeps which tokens the truncation kept, one bit per logit, so that the backward needs no
+second sort (without it the chunked update ran at 0.70–0.74× the plain path's speed with top-p on a CPU). TRL's
 ``selective_log_softmax`` (row by row, through autograd) and Liger's fused cross-entropy (a hand-written
 backward) avoid the same full-size temporaries; here the log-probs are those of the sampling distribution
 (temperature, top-k, top-p; see `textenv.sampling`) and the entropy statistic comes from the same pass.
@@ -26,6 +28,28 @@ CHUNK_ELEMENTS = 2**22
 tokens and 128 generated positions a chunk is one sequence, 6.4M logits (25 MiB per temporary)."""
 
 
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor ``(..., V)`` as uint8 ``(..., ceil(V / 8))``, one bit per entry."""
+    pad = -mask.shape[-1] % 8
+    if pad:
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], pad)], dim=-1)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
+    return (mask.view(*mask.shape[:-1], -1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, size: int) -> torch.Tensor:
+    """The bool tensor ``(..., size)`` that `pack_bits` packed."""
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
+    return (packed.unsqueeze(-1) & weights).ne(0).flatten(-2)[..., :size]
+
+
+def _truncates(sampling: SamplingConfig) -> bool:
+    return sampling.top_k > 0 or sampling.top_p < 1.0
+
+
 def _rows_per_chunk(logits: torch.Tensor, T: int, chunk_elements: int) -> int:
     """Sequences per chunk: about ``chunk_elements`` of the ``T × V`` logits each uses, at least one."""
     return max(1, chunk_elements // max(1, T * logits.shape[-1]))
@@ -39,6 +63,8 @@ class _TakenLogprobs(torch.autograd.Function):
         T = actions.shape[1]
         taken = torch.empty(actions.shape, dtype=torch.float32, device=logits.device)
         token_entropy = torch.empty_like(taken) if with_entropy else None
+        V = logits.shape[-1]
+        kept = torch.empty(*actions.shape, -(-V // 8), dtype=torch.uint8, device=logits.device) if _truncates(sampling) else None
         step = _rows_per_chunk(logits, T, chunk_elements)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
@@ -46,7 +72,9 @@ class _TakenLogprobs(torch.autograd.Function):
             taken[rows] = chunk.gather(-1, actions[rows].unsqueeze(-1)).squeeze(-1)
             if token_entropy is not None:
                 token_entropy[rows] = entropy(chunk)
-        ctx.save_for_backward(logits, actions)
+            if kept is not None:
+                kept[rows] = pack_bits(torch.isfinite(chunk))
+        ctx.save_for_backward(logits, actions, *(() if kept is None else (kept,)))
         ctx.sampling, ctx.chunk_elements = sampling, chunk_elements
         if token_entropy is None:
             token_entropy = torch.empty(0, device=logits.device)
@@ -56,20 +84,26 @@ class _TakenLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the in-place chunk arithmetic below is not itself differentiable
     def backward(ctx, grad_taken, _grad_entropy):  # type: ignore[override]
-        logits, actions = ctx.saved_tensors
+        logits, actions, *kept = ctx.saved_tensors
         sampling: SamplingConfig = ctx.sampling
         T = actions.shape[1]
         grad = torch.zeros_like(logits)  # positions outside the last T + 1 (the prompt's, the last one) get 0
         step = _rows_per_chunk(logits, T, ctx.chunk_elements)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
-            logprobs = sampling.logprobs(logits[rows, -T - 1 : -1])
+            if kept:  # the forward's truncated set: the same masked log-softmax, without sorting again
+                z = logits[rows, -T - 1 : -1].float()
+                z = z if sampling.temperature == 1.0 else z / sampling.temperature
+                z = z.masked_fill(~unpack_bits(kept[0][rows], z.shape[-1]), float("-inf"))  # z may be the logits
+                logprobs = torch.log_softmax(z, dim=-1)
+            else:
+                logprobs = sampling.logprobs(logits[rows, -T - 1 : -1])
             g = grad_taken[rows].unsqueeze(-1).float()  # (c, T, 1)
             a = actions[rows].unsqueeze(-1)
             # d log p(a) / d z_j = δ_aj − p_j on the kept tokens (p_j = 0 elsewhere). A taken token outside
             # the kept set has log p(a) = −inf and, as in autograd's masked_fill, no gradient of its own.
-            kept = torch.isfinite(logprobs.gather(-1, a))
-            chunk_grad = logprobs.exp_().mul_(-g).scatter_add_(-1, a, g * kept)
+            taken_kept = torch.isfinite(logprobs.gather(-1, a))
+            chunk_grad = logprobs.exp_().mul_(-g).scatter_add_(-1, a, g * taken_kept)
             if sampling.temperature != 1.0:
                 chunk_grad.div_(sampling.temperature)
             grad[rows, -T - 1 : -1] = chunk_grad

@@ -11,6 +11,10 @@ its best time, and the ratios.
 
     python benchmarks/update_memory.py --shape small --batch 16 --prompt 16 --new 64 --threads 2       # CPU
     python benchmarks/update_memory.py --shape gpt2 --batch 64 --prompt 64 --new 128 --device cuda --bf16
+    python benchmarks/update_memory.py --shape small --batch 16 --prompt 16 --new 64 --top-k 50 --top-p 0.9
+
+``--temperature``, ``--top-k`` and ``--top-p`` set the sampling distribution both sides differentiate
+through (truncated sampling sorts and masks the logits: more temporaries per chunk).
 """
 
 from __future__ import annotations
@@ -47,12 +51,14 @@ def plain_taken_logprobs(
     return taken, token_entropy
 
 
-def update_step(policy: PolicyWithValueHead, ids: torch.Tensor, T: int, path: Callable, bf16: bool) -> None:
+def update_step(
+    policy: PolicyWithValueHead, ids: torch.Tensor, T: int, path: Callable, bf16: bool, sampling: SamplingConfig
+) -> None:
     """One micro-batch of PPO's update: forward, log-probs of the taken tokens, loss, backward."""
     autocast = torch.autocast(ids.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast:
         logits, values = policy(ids, torch.ones_like(ids), logits_to_keep=T + 1)
-    logprobs, token_entropy = path(logits, ids[:, -T:], SamplingConfig(), True)
+    logprobs, token_entropy = path(logits, ids[:, -T:], sampling, True)
     del logits  # as in the agent: only autograd keeps the logits past this point
     ratio = torch.exp(logprobs.clamp(min=LOGPROB_FLOOR) - logprobs.detach().clamp(min=LOGPROB_FLOOR))
     loss = -ratio.clamp(0.8, 1.2).mean() + 0.1 * values[:, -T - 1 : -1].float().square().mean()
@@ -84,7 +90,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "the GPU's dtypes, so the memory figure models the GPU's)",
     )  # fmt: skip
     parser.add_argument("--chunk-elements", type=int, default=CHUNK_ELEMENTS, help="logits per chunk (chunked side)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (both sides)")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (both sides)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1 = off (both sides)")
     args = parse_benchmark_args(parser, argv)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     paths: dict[str, Callable] = {
         "plain": plain_taken_logprobs,
         "chunked": functools.partial(chunked_taken_logprobs, chunk_elements=args.chunk_elements),
@@ -94,10 +104,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, len(models["tokenizer"]), (args.batch, args.prompt + args.new), generator=gen).to(args.device)
     bf16 = args.bf16
-    steps = {name: (lambda path=path: update_step(policy, ids, args.new, path, bf16)) for name, path in paths.items()}
+    steps = {name: (lambda path=path: update_step(policy, ids, args.new, path, bf16, sampling)) for name, path in paths.items()}
     V = models["policy"].config.vocab_size
     print(f"{args.shape} (V={V}), {args.batch} sequences x ({args.prompt} + {args.new}) tokens, "
-          f"{args.device}{' bf16' if bf16 else ''}: one update micro-batch")  # fmt: skip
+          f"{args.device}{' bf16' if bf16 else ''}, {sampling}: one update micro-batch")  # fmt: skip
     if args.device.startswith("cuda"):  # first calls allocate cuBLAS workspaces: not either side's peak
         for step in steps.values():
             step()

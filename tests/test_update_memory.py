@@ -106,7 +106,7 @@ def test_chunked_logprobs_gradient_matches_the_jacobian_with_temperature():
     torch.testing.assert_close(logits.grad, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=20)])
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=20), SamplingConfig(top_p=0.8)])
 def test_update_saves_only_the_logits_for_backward(sampling):
     b, T, V = 3, 5, 50
     gen = torch.Generator().manual_seed(0)
@@ -117,7 +117,9 @@ def test_update_saves_only_the_logits_for_backward(sampling):
     without_bytes, (logprobs_only, none) = saved_bytes(lambda: taken_logprobs(logits, batch, rows, sampling, False), logits)
     assert none is None and not token_entropy.requires_grad
     assert with_bytes == without_bytes  # the entropy adds nothing to the autograd graph
-    assert without_bytes <= 2 * b * T * 8  # the actions and the (b, T) log-probs the floor's clamp keeps
+    # The actions, the (b, T) log-probs the floor's clamp keeps, and with top-k / top-p the kept set's bits.
+    bits = b * T * -(-V // 8) if sampling.top_k or sampling.top_p < 1 else 0
+    assert without_bytes <= 2 * b * T * 8 + bits
     plain_bytes, _ = saved_bytes(lambda: plain_taken_logprobs(logits, batch.actions, sampling), logits)
     assert plain_bytes >= b * T * V * 4  # the float32 distribution that the chunked path does not keep
     torch.testing.assert_close(logprobs, logprobs_only)
@@ -129,3 +131,22 @@ def test_chunked_logprobs_reject_mismatched_shapes():
         chunked_taken_logprobs(torch.zeros(2, 4, 10), torch.zeros(2, 4, dtype=torch.long), SamplingConfig())
     with pytest.raises(ValueError, match="must be"):
         chunked_taken_logprobs(torch.zeros(3, 5, 10), torch.zeros(2, 4, dtype=torch.long), SamplingConfig())
+
+
+def test_packed_bits_round_trip_and_the_backward_does_not_sort_again(monkeypatch):
+    from agents.chunked_logprobs import pack_bits, unpack_bits
+
+    gen = torch.Generator().manual_seed(0)
+    for size in (1, 8, 13, 50):
+        mask = torch.rand(3, 4, size, generator=gen) < 0.5
+        assert pack_bits(mask).shape == (3, 4, -(-size // 8))
+        assert torch.equal(unpack_bits(pack_bits(mask), size), mask)
+    logits = torch.randn(2, 6, 50, generator=gen, requires_grad=True)
+    actions = torch.randint(0, 50, (2, 5), generator=gen)
+    taken, _ = chunked_taken_logprobs(logits, actions, SamplingConfig(top_p=0.8), chunk_elements=1)
+    def no_sort(*args, **kwargs):
+        raise AssertionError("the backward sorted the logits again")
+
+    monkeypatch.setattr(torch, "sort", no_sort)
+    taken.clamp(min=-50).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
