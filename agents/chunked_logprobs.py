@@ -28,7 +28,9 @@ CHUNK_ELEMENTS = 2**22
 tokens and 128 generated positions a chunk is one sequence, 6.4M logits (25 MiB per temporary)."""
 
 
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """``[1, 2, 4, ..., 128]`` as uint8, made on ``device`` (a copy from a Python list would wait for a GPU)."""
+    return torch.bitwise_left_shift(torch.ones(8, dtype=torch.uint8, device=device), torch.arange(8, dtype=torch.uint8, device=device))
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -36,18 +38,17 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     pad = -mask.shape[-1] % 8
     if pad:
         mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], pad)], dim=-1)
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=mask.device)
-    return (mask.view(*mask.shape[:-1], -1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+    return (mask.view(*mask.shape[:-1], -1, 8).to(torch.uint8) * _bit_weights(mask.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, size: int) -> torch.Tensor:
     """The bool tensor ``(..., size)`` that `pack_bits` packed."""
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
-    return (packed.unsqueeze(-1) & weights).ne(0).flatten(-2)[..., :size]
+    return (packed.unsqueeze(-1) & _bit_weights(packed.device)).ne(0).flatten(-2)[..., :size]
 
 
-def _truncates(sampling: SamplingConfig) -> bool:
-    return sampling.top_k > 0 or sampling.top_p < 1.0
+def _truncates(sampling: SamplingConfig, vocab: int) -> bool:
+    """Whether `SamplingConfig.logprobs` masks any token out (top-k below the vocabulary, or top-p)."""
+    return 0 < sampling.top_k < vocab or sampling.top_p < 1.0
 
 
 def _rows_per_chunk(logits: torch.Tensor, T: int, chunk_elements: int) -> int:
@@ -64,7 +65,7 @@ class _TakenLogprobs(torch.autograd.Function):
         taken = torch.empty(actions.shape, dtype=torch.float32, device=logits.device)
         token_entropy = torch.empty_like(taken) if with_entropy else None
         V = logits.shape[-1]
-        kept = torch.empty(*actions.shape, -(-V // 8), dtype=torch.uint8, device=logits.device) if _truncates(sampling) else None
+        kept = torch.empty(*actions.shape, -(-V // 8), dtype=torch.uint8, device=logits.device) if _truncates(sampling, V) else None
         step = _rows_per_chunk(logits, T, chunk_elements)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)

@@ -61,9 +61,9 @@ if want update; then  # the update micro-batch's peak memory: chunked taken-toke
   run update_memory python3 benchmarks/update_memory.py $gpt2 --new 128 --batch 64 --repeats 3
 fi
 if want ppo; then
-  run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 --decoding compiled
+  run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 --warmup 1 --decoding compiled
   run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 256 --minibatches 4 --iterations 2 \
-    --decoding compiled
+    --warmup 1 --decoding compiled
 fi
 # The opt-in deferred KL (one reference forward over the finished batch, as TRL computes it, instead of one
 # cached reference forward per token): the same figures with --defer-kl.
@@ -74,7 +74,7 @@ if want deferred; then
 fi
 if want ppo_deferred; then
   run ppo_vs_trl_deferred python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 \
-    --decoding compiled --defer-kl
+    --warmup 1 --decoding compiled --defer-kl
   run ppo_vs_trl_deferred python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 256 --minibatches 4 \
-    --iterations 2 --decoding compiled --defer-kl
+    --iterations 2 --warmup 1 --decoding compiled --defer-kl
 fi

@@ -50,6 +50,7 @@ class PeakMemory:
     bytes plus a `LiveTensorPeak` of the block; ``gib`` is None on the CPU without ``cpu_memory``."""
 
     def __init__(self, device: str, cpu_memory: bool) -> None:
+        self.device = device
         self.cuda = device.startswith("cuda")
         self.probe = LiveTensorPeak() if cpu_memory and not self.cuda else None
         self.gib: float | None = None
@@ -57,13 +58,13 @@ class PeakMemory:
     @contextlib.contextmanager
     def measure(self, *models: torch.nn.Module | None):
         if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         with self.probe if self.probe is not None else contextlib.nullcontext():
             yield
         if self.cuda:
-            torch.cuda.synchronize()
-            self.gib = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.synchronize(self.device)
+            self.gib = torch.cuda.max_memory_allocated(self.device) / 2**30
         elif self.probe is not None:
             self.gib = (resident_bytes(*models) + self.probe.peak_bytes) / 2**30
 
@@ -76,7 +77,7 @@ def models_of(models: dict) -> list[torch.nn.Module]:
 def synchronized_clock(device: str) -> float:
     """``time.perf_counter()`` once the GPU's queue has drained (so a time covers the work, not its launch)."""
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter()
 
 
@@ -96,7 +97,7 @@ def run_textenv(models, prompts, args) -> tuple[float, float | None, dict]:
     agent = PPOAgent(
         PolicyWithValueHead(copy.deepcopy(models["policy"])), env,
         PPOConfig(ppo_epochs=4, minibatch_size=minibatch, micro_batch_size=minibatch, bf16=args.bf16,
-                  total_iterations=args.iterations, decoding=args.decoding, defer_kl=args.defer_kl),
+                  total_iterations=args.warmup + args.iterations, decoding=args.decoding, defer_kl=args.defer_kl),
     )  # fmt: skip
     if args.decoding == "compiled":
         agent.rollout()  # compile the decode steps outside the timed iterations
@@ -154,18 +155,26 @@ def run_trl(models, prompts, args, config) -> tuple[float, float | None, list[fl
         value_model=value_model, callbacks=[clock],
     )  # fmt: skip
     peak = PeakMemory(args.device, args.cpu_memory)
-    start = time.perf_counter()
     # trainer.model: the policy and the value model
     with peak.measure(*models_of(models), trainer.model, trainer.ref_model, trainer.reward_model):
         trainer.train()
-    end = synchronized_clock(args.device)
-    if args.warmup:  # from the end of the last warm-up iteration
-        start = clock.stamps[args.warmup]
-    per_iteration = [b - a for a, b in itertools.pairwise(clock.stamps[args.warmup :])]
-    return args.batch * args.iterations / (end - start), peak.gib, per_iteration
+    seconds, per_iteration = timed_iterations(clock.stamps, args.warmup)
+    return args.batch * args.iterations / seconds, peak.gib, per_iteration
 
 
-def main(argv: list[str] | None = None) -> dict[str, float | None]:
+def timed_iterations(stamps: list[float], warmup: int) -> tuple[float, list[float]]:
+    """TRL's timed window and its iterations from `IterationClock`'s stamps (train start, then one per
+    iteration): from the end of the last warm-up iteration (or the start) to the end of the last one.
+
+    Like textenv's, the window is the sum of its iterations. TRL empties the CUDA cache and runs
+    ``gc.collect()`` after its ``on_step_end``, so each interval holds the previous iteration's clean-up;
+    the first interval with no warm-up holds none, which is one reason to compare with ``--warmup 1``.
+    """
+    per_iteration = [b - a for a, b in itertools.pairwise(stamps[warmup:])]
+    return stamps[-1] - stamps[warmup], per_iteration
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = benchmark_parser(__doc__, batch=16, new=32, repeats=None)
     parser.add_argument("--minibatches", type=int, default=1, help="minibatches per PPO epoch (both sides)")
     parser.add_argument("--iterations", type=int, default=3)
@@ -175,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, float | None]:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if args.batch % args.minibatches:
         parser.error("--minibatches must divide --batch")
+    if args.warmup < 0 or args.iterations < 1:
+        parser.error("--warmup must be >= 0 and --iterations >= 1")
     if args.cpu_memory and args.decoding == "compiled":
         parser.error("--cpu-memory counts eager tensors: use it with --decoding dynamic or static")
     torch.manual_seed(0)

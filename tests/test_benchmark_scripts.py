@@ -44,6 +44,13 @@ def test_ppo_benchmark_textenv_side_runs_without_trl():
     assert iteration == pytest.approx(4 / episodes_per_s)
 
 
+def test_trl_window_is_the_sum_of_its_timed_iterations():
+    stamps = [10.0, 11.5, 12.0, 12.75, 13.0]  # train start, then the end of each of 4 iterations
+    assert ppo_vs_trl.timed_iterations(stamps, warmup=0) == (3.0, [1.5, 0.5, 0.75, 0.25])
+    seconds, per_iteration = ppo_vs_trl.timed_iterations(stamps, warmup=2)
+    assert seconds == 1.0 and per_iteration == [0.75, 0.25]
+
+
 def test_ppo_benchmark_measures_cpu_memory_on_request():
     models, (_, memory, _) = run_tiny_textenv_side("dynamic", cpu_memory=True)
     trunk_gib = resident_bytes(models["policy"]) / 2**30  # the reference and the reward model are about as big

@@ -106,7 +106,10 @@ def test_chunked_logprobs_gradient_matches_the_jacobian_with_temperature():
     torch.testing.assert_close(logits.grad, expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=20), SamplingConfig(top_p=0.8)])
+@pytest.mark.parametrize(
+    "sampling",
+    [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=20), SamplingConfig(top_p=0.8), SamplingConfig(top_k=50)],
+)  # top_k=50 = V truncates nothing: no bits kept
 def test_update_saves_only_the_logits_for_backward(sampling):
     b, T, V = 3, 5, 50
     gen = torch.Generator().manual_seed(0)
@@ -118,7 +121,7 @@ def test_update_saves_only_the_logits_for_backward(sampling):
     assert none is None and not token_entropy.requires_grad
     assert with_bytes == without_bytes  # the entropy adds nothing to the autograd graph
     # The actions, the (b, T) log-probs the floor's clamp keeps, and with top-k / top-p the kept set's bits.
-    bits = b * T * -(-V // 8) if sampling.top_k or sampling.top_p < 1 else 0
+    bits = b * T * -(-V // 8) if 0 < sampling.top_k < V or sampling.top_p < 1 else 0
     assert without_bytes <= 2 * b * T * 8 + bits
     plain_bytes, _ = saved_bytes(lambda: plain_taken_logprobs(logits, batch.actions, sampling), logits)
     assert plain_bytes >= b * T * V * 4  # the float32 distribution that the chunked path does not keep
