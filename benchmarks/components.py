@@ -8,7 +8,9 @@ The compiled decode step is also timed with dynamo's guard evaluation skipped
 (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``): the difference is what checking the
 compiled graph's guards costs per call. Skipping them is unsafe in a real run (a changed autocast state,
 train/eval mode or cache shape would reuse the wrong graph), so this is a measurement only. It needs
-torch >= 2.7; with an older torch that row is left out.
+torch >= 2.7; with an older torch that row is left out. A third variant keeps every guard except those on
+``nn.Module`` attributes (``guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe``, torch >=
+2.8): the part of the guard cost that the modules' attributes (``training`` flags and the like) make.
 
     python benchmarks/components.py --shape small --batch 64 --threads 1
 """
@@ -16,7 +18,9 @@ torch >= 2.7; with an older torch that row is left out.
 from __future__ import annotations
 
 import inspect
+import itertools
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -34,13 +38,30 @@ from benchmarks.common import (  # noqa: E402
 from textenv.incremental import IncrementalLM  # noqa: E402
 from textenv.rewards import RewardModelScorer  # noqa: E402
 from textenv.sampling import sample_tokens  # noqa: E402
-from textenv.static_decoding import make_decoder  # noqa: E402
+from textenv.static_decoding import StaticIncrementalLM, make_decoder  # noqa: E402
+
+_FILTERED = itertools.count()
 
 
 def can_skip_guards() -> bool:
     """Whether this torch's ``set_stance`` can skip guard evaluation (torch >= 2.7)."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance is not None and "skip_guard_eval_unsafe" in inspect.signature(set_stance).parameters
+
+
+def compiled_without_module_guards(model: torch.nn.Module) -> StaticIncrementalLM | None:
+    """A compiled decoder whose dynamo guards skip ``nn.Module`` attributes; None if this torch cannot."""
+    skip = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+    if skip is None:
+        return None
+    decoder = make_decoder(model, "compiled")
+    assert isinstance(decoder, StaticIncrementalLM)
+    code = StaticIncrementalLM._eager_decode.__code__  # its own code object: its own dynamo cache
+    code = code.replace(co_name=f"{code.co_name}_filtered_{next(_FILTERED)}")
+    decode = types.MethodType(types.FunctionType(code, vars(sys.modules[StaticIncrementalLM.__module__])), decoder)
+    options = {**torch._inductor.list_mode_options(decoder.compile_mode), "guard_filter_fn": skip}
+    decoder._decode = torch.compile(decode, dynamic=False, options=options)  # mode= and options= exclude each other
+    return decoder
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -67,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # The compiled step with and without the guard check, timed in turns: their difference is small.
     compiled_steps = {"guarded": lambda: decode(decoders["compiled"])}
+    if (filtered := compiled_without_module_guards(models["policy"])) is not None:
+        compiled_steps["module guards skipped"] = lambda: decode(filtered)
     if can_skip_guards():
         compiled_steps["unguarded"] = decode_without_guards
     for run in compiled_steps.values():
@@ -75,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ms = {
         "decode forward": timed(lambda: decode(decoders["dynamic"]), args.device, args.repeats)[0] / steps,
         "decode forward, decoding='compiled'": compiled["guarded"][0] / steps,
+        **({"  the same, nn.Module guards skipped": compiled["module guards skipped"][0] / steps}
+           if "module guards skipped" in compiled else {}),  # fmt: skip
         **({"  the same, guards not checked": compiled["unguarded"][0] / steps} if "unguarded" in compiled else {}),
         "HF sampling (softmax + multinomial)": timed(
             lambda: torch.multinomial(torch.softmax(logits, -1), 1), args.device, args.repeats
