@@ -30,7 +30,7 @@ tokens and 128 generated positions a chunk is one sequence, 6.4M logits (25 MiB 
 
 def _bit_weights(device: torch.device) -> torch.Tensor:
     """``[1, 2, 4, ..., 128]`` as uint8, made on ``device`` (a copy from a Python list would wait for a GPU)."""
-    return torch.bitwise_left_shift(torch.ones(8, dtype=torch.uint8, device=device), torch.arange(8, dtype=torch.uint8, device=device))
+    return 1 << torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,9 @@ class _TakenLogprobs(torch.autograd.Function):
         taken = torch.empty(actions.shape, dtype=torch.float32, device=logits.device)
         token_entropy = torch.empty_like(taken) if with_entropy else None
         V = logits.shape[-1]
-        kept = torch.empty(*actions.shape, -(-V // 8), dtype=torch.uint8, device=logits.device) if _truncates(sampling, V) else None
+        kept = None  # with top-k / top-p: the truncated set, one bit per logit
+        if _truncates(sampling, V):
+            kept = torch.empty(*actions.shape, -(-V // 8), dtype=torch.uint8, device=logits.device)
         step = _rows_per_chunk(logits, T, chunk_elements)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)

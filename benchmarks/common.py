@@ -44,6 +44,13 @@ def random_prompts(tokenizer, batch: int, length: int, seed: int = 0) -> list[st
     return [" ".join(f"w{i - 3}" for i in row.tolist()) for row in ids]
 
 
+def synchronized_clock(device: str) -> float:
+    """``time.perf_counter()`` once the GPU's queue has drained (so a time covers the work, not its launch)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def timed(fn: Callable[[], Any], device: str, repeats: int) -> tuple[float, Any]:
     """Best wall time of ``repeats`` runs after one warm-up (synchronising CUDA around each)."""
     fn()
@@ -62,13 +69,9 @@ def timed_alternating(
     best = {name: (float("inf"), None) for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = synchronized_clock(device)
             result = fn()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            best[name] = (min(best[name][0], time.perf_counter() - start), result)
+            best[name] = (min(best[name][0], synchronized_clock(device) - start), result)
     return best
 
 

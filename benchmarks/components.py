@@ -18,9 +18,7 @@ torch >= 2.7; with an older torch that row is left out. A third variant keeps ev
 from __future__ import annotations
 
 import inspect
-import itertools
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -40,8 +38,6 @@ from textenv.rewards import RewardModelScorer  # noqa: E402
 from textenv.sampling import sample_tokens  # noqa: E402
 from textenv.static_decoding import StaticIncrementalLM, make_decoder  # noqa: E402
 
-_FILTERED = itertools.count()
-
 
 def can_skip_guards() -> bool:
     """Whether this torch's ``set_stance`` can skip guard evaluation (torch >= 2.7)."""
@@ -56,11 +52,7 @@ def compiled_without_module_guards(model: torch.nn.Module) -> StaticIncrementalL
         return None
     decoder = make_decoder(model, "compiled")
     assert isinstance(decoder, StaticIncrementalLM)
-    code = StaticIncrementalLM._eager_decode.__code__  # its own code object: its own dynamo cache
-    code = code.replace(co_name=f"{code.co_name}_filtered_{next(_FILTERED)}")
-    decode = types.MethodType(types.FunctionType(code, vars(sys.modules[StaticIncrementalLM.__module__])), decoder)
-    options = {**torch._inductor.list_mode_options(decoder.compile_mode), "guard_filter_fn": skip}
-    decoder._decode = torch.compile(decode, dynamic=False, options=options)  # mode= and options= exclude each other
+    decoder._decode = decoder._compiled_decode(guard_filter_fn=skip)
     return decoder
 
 

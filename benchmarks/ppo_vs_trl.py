@@ -27,7 +27,6 @@ import itertools
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -37,7 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from agents.ppo import PPOAgent, PPOConfig  # noqa: E402
 from agents.value_head import PolicyWithValueHead  # noqa: E402
-from benchmarks.common import benchmark_parser, build, parse_benchmark_args, random_prompts  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    benchmark_parser,
+    build,
+    parse_benchmark_args,
+    random_prompts,
+    synchronized_clock,
+)
 from benchmarks.live_memory import LiveTensorPeak, resident_bytes  # noqa: E402
 from textenv.kl import FixedKLController  # noqa: E402
 from textenv.models import build_tiny_reward_model  # noqa: E402
@@ -72,13 +77,6 @@ class PeakMemory:
 def models_of(models: dict) -> list[torch.nn.Module]:
     """The shared models of `benchmarks.common.build` (on a GPU they count in both sides' peaks)."""
     return [m for m in models.values() if isinstance(m, torch.nn.Module)]
-
-
-def synchronized_clock(device: str) -> float:
-    """``time.perf_counter()`` once the GPU's queue has drained (so a time covers the work, not its launch)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def run_textenv(models, prompts, args) -> tuple[float, float | None, dict]:

@@ -10,6 +10,7 @@ import torch
 
 from agents.chunked_logprobs import chunked_taken_logprobs
 from agents.rollout import taken_logprobs
+from benchmarks import update_memory
 from textenv.sampling import SamplingConfig, entropy
 
 SAMPLINGS = [
@@ -37,10 +38,8 @@ def saved_bytes(fn, existing: torch.Tensor):
 
 
 def plain_taken_logprobs(logits, actions, sampling):
-    """The reference: the whole distribution at once, through autograd."""
-    T = actions.shape[1]
-    logprobs_all = sampling.logprobs(logits[:, -T - 1 : -1].float())
-    return logprobs_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1), entropy(logprobs_all.detach())
+    """The reference: the whole distribution at once, through autograd (as `benchmarks/update_memory.py`)."""
+    return update_memory.plain_taken_logprobs(logits, actions, sampling, with_entropy=True)
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS)

@@ -124,7 +124,9 @@ class StaticIncrementalLM(IncrementalLM):
         hidden = out.hidden_states[-1][:, -1] if self.output_hidden_states else None
         return out.logits[:, -1], hidden
 
-    def _compiled_decode(self):
+    def _compiled_decode(self, guard_filter_fn=None):
+        """The decode forward compiled for this decoder alone; ``guard_filter_fn`` (torch.compile's option)
+        drops some of dynamo's guards, which `benchmarks/components.py` measures; rollouts never pass it."""
         # Dynamo keeps its compiled graphs, and checks their guards on every call, per *code object*. Were
         # every decoder to compile the same method, a reference decoder's call could first evaluate (and
         # fail) the policy's guards, and the shared cache would reach `recompile_limit` (8 variants) after a
@@ -137,7 +139,11 @@ class StaticIncrementalLM(IncrementalLM):
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
         # Not fullgraph: like transformers' own CompileConfig, a graph break costs speed, not the run
         # (TORCH_LOGS=graph_breaks,recompiles shows them; benchmarks/gpu_suite.sh sets it).
-        return torch.compile(decode, mode=self.compile_mode, dynamic=False)
+        if guard_filter_fn is None:
+            return torch.compile(decode, mode=self.compile_mode, dynamic=False)
+        # torch.compile takes a mode or options, not both: the mode's own options, plus the filter.
+        options = {**torch._inductor.list_mode_options(self.compile_mode), "guard_filter_fn": guard_filter_fn}
+        return torch.compile(decode, dynamic=False, options=options)
 
     # ------------------------------------------------------------------------------- cache buffers
     def _new_cache(self, batch: int, capacity: int) -> None:
