@@ -12,6 +12,10 @@ torch >= 2.7; with an older torch that row is left out. A third variant keeps ev
 ``nn.Module`` attributes (``guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe``, torch >=
 2.8): the part of the guard cost that the modules' attributes (``training`` flags and the like) make.
 
+The compiled step is timed a last way, attending to the whole static buffer at every step
+(``StaticIncrementalLM(windowed=False)``) instead of a window over the columns in use: the difference is
+what the attention window (`textenv.static_decoding.attention_window`) saves over one batch's steps.
+
     python benchmarks/components.py --shape small --batch 64 --threads 1
 """
 
@@ -78,8 +82,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
             decode(decoders["compiled"])
 
-    # The compiled step with and without the guard check, timed in turns: their difference is small.
-    compiled_steps = {"guarded": lambda: decode(decoders["compiled"])}
+    # The compiled step with and without the guard check, and without the window, timed in turns: the
+    # differences are small.
+    whole_buffer = StaticIncrementalLM(models["policy"], compile=True, windowed=False)
+    compiled_steps = {"guarded": lambda: decode(decoders["compiled"]), "whole buffer": lambda: decode(whole_buffer)}
     if (filtered := compiled_without_module_guards(models["policy"])) is not None:
         compiled_steps["module guards skipped"] = lambda: decode(filtered)
     if can_skip_guards():
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         **({"  the same, nn.Module guards skipped": compiled["module guards skipped"][0] / steps}
            if "module guards skipped" in compiled else {}),  # fmt: skip
         **({"  the same, guards not checked": compiled["unguarded"][0] / steps} if "unguarded" in compiled else {}),
+        "  the same, attending to the whole buffer": compiled["whole buffer"][0] / steps,
         "HF sampling (softmax + multinomial)": timed(
             lambda: torch.multinomial(torch.softmax(logits, -1), 1), args.device, args.repeats
         )[0],
@@ -102,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     print(f"shape={args.shape} batch={B} prompt={args.prompt} new={args.new} device={args.device}")
     for name, seconds in ms.items():
-        print(f"{name:<40}: {1000 * seconds:8.2f} ms")
+        print(f"{name:<42}: {1000 * seconds:8.2f} ms")
     hf = ms["decode forward"] + ms["HF sampling (softmax + multinomial)"]
     ours = 2 * ms["decode forward"] + ms["textenv sampling (inverse CDF)"] + ms["reward model, per step"]
     print(f"per step, HF generate ~ {1000 * hf:.1f} ms; textenv ~ {1000 * ours:.1f} ms + KL and bookkeeping")

@@ -55,7 +55,9 @@ if want profile; then  # not in the default parts: where a compiled rollout's ti
   done
 fi
 if want components; then  # not in the default parts: a step's pieces, and dynamo's guard check per compiled call
-  run components python3 benchmarks/components.py --shape gpt2 --prompt 64 --device cuda --new 128 --batch 64
+  for batch in 64 256; do
+    run components python3 benchmarks/components.py --shape gpt2 --prompt 64 --device cuda --new 128 --batch $batch
+  done
 fi
 if want update; then  # the update micro-batch's peak memory: chunked taken-token log-probs vs the plain log-softmax
   run update_memory python3 benchmarks/update_memory.py $gpt2 --new 128 --batch 64 --repeats 3

@@ -62,11 +62,12 @@ def test_ppo_benchmark_measures_cpu_memory_on_request():
 def test_components_benchmark_times_each_part(monkeypatch):
     argv = ["--shape", "tiny", "--batch", "4", "--prompt", "4", "--new", "6", "--repeats", "1"]
     ms = components.main(argv)
-    assert len(ms) == 7 and all(v > 0 for v in ms.values())
+    assert len(ms) == 8 and all(v > 0 for v in ms.values())
+    assert "  the same, attending to the whole buffer" in ms
     monkeypatch.setattr(components, "can_skip_guards", lambda: False)  # a torch older than 2.7
     monkeypatch.setattr(components, "compiled_without_module_guards", lambda model: None)  # older than 2.8
     ms = components.main(argv)
-    assert len(ms) == 5 and "  the same, guards not checked" not in ms
+    assert len(ms) == 6 and "  the same, guards not checked" not in ms
 
 
 def test_profile_benchmark_reports_the_rollouts_operators(capsys):

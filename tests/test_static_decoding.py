@@ -5,6 +5,7 @@ CUDA graphs (benchmarks/gpu_suite.sh does this first): a check of the GPU path's
 """
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -15,7 +16,14 @@ from agents.value_head import PolicyWithValueHead
 from textenv import PolicyLink
 from textenv.incremental import IncrementalLM
 from textenv.models import build_tiny_causal_lm, tiny_gpt2_config
-from textenv.static_decoding import StaticIncrementalLM, default_compile_mode, make_decoder
+from textenv.static_decoding import (
+    MIN_ATTENTION_WINDOW,
+    StaticIncrementalLM,
+    attention_window,
+    default_compile_mode,
+    default_max_window_fraction,
+    make_decoder,
+)
 from textenv.toy import make_toy_env, toy_components
 
 VOCAB = 40
@@ -42,17 +50,21 @@ def assert_same(a, b) -> None:
         torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=1e-5)
 
 
-def drive(decoders: list[IncrementalLM], steps: int, seed: int = 0, restart_every: int = 3) -> None:
+def drive(
+    decoders: list[IncrementalLM], steps: int, seed: int = 0, restart_every: int = 3, reserve: int = 4,
+    on_step: Callable[[], None] = lambda: None,
+) -> None:  # fmt: skip
     """Start, step and restart rows on every decoder alike; their outputs must agree at every call."""
     gen = torch.Generator().manual_seed(seed)
     B = 4
     first = random_sequences(gen, B)
-    outs = [d.start(first, reserve=4) for d in decoders]  # a small reserve: the buffer must shift and grow
+    outs = [d.start(first, reserve=reserve) for d in decoders]  # a small reserve: the buffer must shift and grow
     for out in outs[1:]:
         assert_same(outs[0], out)
     for t in range(steps):
         tokens = torch.randint(3, VOCAB, (B,), generator=gen)
         outs = [d.step(tokens) for d in decoders]
+        on_step()
         for out in outs[1:]:
             assert_same(outs[0], out)
         if t % restart_every == restart_every - 1:
@@ -97,6 +109,67 @@ def test_compiled_decode_step_matches_dynamic_cache():
     compiled = make_decoder(model, "compiled", output_hidden_states=True)
     assert isinstance(compiled, StaticIncrementalLM) and compiled.compile_mode == default_compile_mode(DEVICE)
     drive([dynamic, compiled], steps=12, restart_every=5)
+
+
+def test_attention_window_sizes():
+    """One size per doubling, never below the minimum, never past the buffer, always covering the used columns."""
+    sizes = [attention_window(columns, 10_000) for columns in range(1, 1_100)]
+    assert sorted(set(sizes)) == [64, 128, 256, 512, 1024, 2048]
+    for columns, size in enumerate(sizes, start=1):
+        assert size >= max(columns, MIN_ATTENTION_WINDOW) and (size == MIN_ATTENTION_WINDOW or size < 2 * columns)
+    assert attention_window(150, capacity=130) == 130 and attention_window(128, capacity=130) == 128
+    # with max_fraction 0.5 (the CPU's default), a window must at least halve the columns, else all are read
+    assert attention_window(100, capacity=256, max_fraction=0.5) == 128
+    assert attention_window(100, capacity=200, max_fraction=0.5) == 200
+    assert default_max_window_fraction(torch.device("cuda")) == 1.0
+    assert default_max_window_fraction(torch.device("cpu")) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("compile", "max_fraction", "sizes"),
+    [(False, 1.0, {64, 128, "capacity"}), (False, 0.5, {64, "capacity"}), (True, 1.0, {64, 128})],
+)
+def test_windowed_attention_matches_the_whole_buffer_and_the_dynamic_cache(compile, max_fraction, sizes):
+    """A step that attends to a prefix window of the buffer gives the numbers of one that reads all of it (and of
+    the dynamic cache), as the used columns cross window sizes, with restarts and right shifts on the way."""
+    model = tiny_lm()
+    dynamic = IncrementalLM(model, output_hidden_states=True)
+    whole = StaticIncrementalLM(model, output_hidden_states=True, windowed=False)
+    windowed = StaticIncrementalLM(model, output_hidden_states=True, compile=compile)
+    windowed.max_window_fraction = max_fraction
+    windows: list[int | str] = []
+
+    def record() -> None:
+        assert whole.cache is not None and windowed.cache is not None
+        assert {layer.window for layer in whole.cache.layers} == {None}
+        (window,) = {layer.window for layer in windowed.cache.layers}  # one window for every layer
+        assert window is not None and windowed.length <= window <= windowed.capacity  # the new token's column too
+        windows.append("capacity" if window == windowed.capacity else window)
+
+    steps = 140 if not compile else 70  # compiled: two window sizes (one compiled variant each), not three
+    drive([dynamic, whole, windowed], steps=steps, restart_every=7, reserve=150, on_step=record)
+    assert set(windows) == sizes
+    assert whole.compactions == windowed.compactions == 0  # the large reserve: nothing to shift out
+
+
+def test_prefill_after_windowed_steps_reads_the_whole_buffer():
+    """A new batch in a reused buffer is prefilled with no window left over from the last step."""
+    model = tiny_lm()
+    dynamic, static = IncrementalLM(model), StaticIncrementalLM(model)
+    static.max_window_fraction = 1.0  # the window of 64 after three steps, whatever this device's default
+    gen = torch.Generator().manual_seed(2)
+    first = random_sequences(gen, 3)
+    dynamic.start(first), static.start(first, reserve=120)
+    for _ in range(3):
+        tokens = torch.randint(3, VOCAB, (3,), generator=gen)
+        assert_same(dynamic.step(tokens), static.step(tokens))
+    assert static.cache is not None and static.cache.layers[0].window == MIN_ATTENTION_WINDOW < static.capacity
+    cache, capacity = static.cache, static.capacity
+    second = random_sequences(gen, 3, low=MIN_ATTENTION_WINDOW + 2, high=MIN_ATTENTION_WINDOW + 9)
+    assert_same(dynamic.start(second), static.start(second, reserve=capacity - MIN_ATTENTION_WINDOW - 9))
+    assert static.cache is cache  # the same buffers, whose layers held a window shorter than the new prompts
+    tokens = torch.randint(3, VOCAB, (3,), generator=gen)
+    assert_same(dynamic.step(tokens), static.step(tokens))
 
 
 def run_env(decoding: str, steps: int = 40) -> list[dict]:
