@@ -14,9 +14,12 @@ torch >= 2.7; with an older torch that row is left out. A third variant keeps ev
 
 The compiled step is timed a last way, attending to the whole static buffer at every step
 (``StaticIncrementalLM(windowed=False)``) instead of a window over the columns in use: the difference is
-what the attention window (`textenv.static_decoding.attention_window`) saves over one batch's steps.
+what the attention window (`textenv.static_decoding.attention_window`) saves over one batch's steps. With
+more than one window size there is more than one compiled variant, and even with guard evaluation skipped
+dynamo checks the guards that tell them apart.
 
     python benchmarks/components.py --shape small --batch 64 --threads 1
+    python benchmarks/components.py --shape gpt2 --prompt 64 --new 128 --batch 256 --device cuda --bf16
 """
 
 from __future__ import annotations
@@ -61,8 +64,10 @@ def compiled_without_module_guards(model: torch.nn.Module) -> StaticIncrementalL
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = parse_benchmark_args(benchmark_parser(__doc__, shape="small", textenv=False), argv)
-    models = build(args.shape, args.prompt + args.new, args.device, torch.float32)
+    parser = benchmark_parser(__doc__, shape="small", textenv=False)
+    parser.add_argument("--bf16", action="store_true", help="bf16 weights (GPU)")
+    args = parse_benchmark_args(parser, argv)
+    models = build(args.shape, args.prompt + args.new, args.device, torch.bfloat16 if args.bf16 else torch.float32)
     tokenizer, B, steps = models["tokenizer"], args.batch, args.new - 1
     prompts = random_prompts(tokenizer, B, args.prompt)
     completions = random_prompts(tokenizer, B, args.new, seed=1)
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "reward model, per step": timed(lambda: scorer(prompts, completions), args.device, args.repeats)[0]
         / args.new,
     }
-    print(f"shape={args.shape} batch={B} prompt={args.prompt} new={args.new} device={args.device}")
+    print(f"shape={args.shape} batch={B} prompt={args.prompt} new={args.new} device={args.device} bf16={args.bf16}")
     for name, seconds in ms.items():
         print(f"{name:<42}: {1000 * seconds:8.2f} ms")
     hf = ms["decode forward"] + ms["HF sampling (softmax + multinomial)"]

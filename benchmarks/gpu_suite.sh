@@ -46,7 +46,7 @@ for batch in 64 256; do
   TORCH_LOGS=graph_breaks,recompiles run rollout python3 benchmarks/rollout.py $gpt2 --new 128 --batch $batch \
     --decoding compiled
 done
-if want scaling; then
+if want scaling; then  # 11 compiled shapes per decoder (5 capacities, and their attention windows): its own call
   run scaling python3 benchmarks/scaling.py $gpt2 --batch 64 --lengths 32,64,128,256,512 --decoding compiled
 fi
 if want profile; then  # not in the default parts: where a compiled rollout's time goes, for tuning
@@ -56,7 +56,7 @@ if want profile; then  # not in the default parts: where a compiled rollout's ti
 fi
 if want components; then  # not in the default parts: a step's pieces, and dynamo's guard check per compiled call
   for batch in 64 256; do
-    run components python3 benchmarks/components.py --shape gpt2 --prompt 64 --device cuda --new 128 --batch $batch
+    run components python3 benchmarks/components.py $gpt2 --new 128 --batch $batch
   done
 fi
 if want update; then  # the update micro-batch's peak memory: chunked taken-token log-probs vs the plain log-softmax

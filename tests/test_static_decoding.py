@@ -10,6 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from transformers.cache_utils import StaticLayer
 
 from agents.ppo import PPOAgent, PPOConfig
 from agents.value_head import PolicyWithValueHead
@@ -18,6 +19,7 @@ from textenv.incremental import IncrementalLM
 from textenv.models import build_tiny_causal_lm, tiny_gpt2_config
 from textenv.static_decoding import (
     MIN_ATTENTION_WINDOW,
+    DtypeStableStaticLayer,
     StaticIncrementalLM,
     attention_window,
     default_compile_mode,
@@ -129,22 +131,39 @@ def test_attention_window_sizes():
     ("compile", "max_fraction", "sizes"),
     [(False, 1.0, {64, 128, "capacity"}), (False, 0.5, {64, "capacity"}), (True, 1.0, {64, 128})],
 )
-def test_windowed_attention_matches_the_whole_buffer_and_the_dynamic_cache(compile, max_fraction, sizes):
+def test_windowed_attention_matches_the_whole_buffer_and_the_dynamic_cache(compile, max_fraction, sizes, monkeypatch):
     """A step that attends to a prefix window of the buffer gives the numbers of one that reads all of it (and of
-    the dynamic cache), as the used columns cross window sizes, with restarts and right shifts on the way."""
+    the dynamic cache), as the used columns cross window sizes, with restarts and right shifts on the way; the
+    keys and the mask the attention gets are the window's (the padding mask alone would hide a wider read)."""
     model = tiny_lm()
     dynamic = IncrementalLM(model, output_hidden_states=True)
     whole = StaticIncrementalLM(model, output_hidden_states=True, windowed=False)
-    windowed = StaticIncrementalLM(model, output_hidden_states=True, compile=compile)
-    windowed.max_window_fraction = max_fraction
+    windowed = StaticIncrementalLM(model, output_hidden_states=True, compile=compile, max_window_fraction=max_fraction)
+    key_widths: dict[int, int] = {}  # layer id -> columns of keys its last `update` returned (eager only)
+    if not compile:
+        update = DtypeStableStaticLayer.update
+
+        def recording_update(layer, *args, **kwargs):
+            keys, values = update(layer, *args, **kwargs)
+            key_widths[id(layer)] = keys.shape[-2]
+            return keys, values
+
+        monkeypatch.setattr(DtypeStableStaticLayer, "update", recording_update)
+    mask_widths: list[int] = []
+    decode = windowed._decode
+    windowed._decode = lambda ids, mask, positions: (mask_widths.append(mask.shape[1]), decode(ids, mask, positions))[1]
     windows: list[int | str] = []
 
     def record() -> None:
         assert whole.cache is not None and windowed.cache is not None
         assert {layer.window for layer in whole.cache.layers} == {None}
         (window,) = {layer.window for layer in windowed.cache.layers}  # one window for every layer
-        assert window is not None and windowed.length <= window <= windowed.capacity  # the new token's column too
-        windows.append("capacity" if window == windowed.capacity else window)
+        width = windowed.capacity if window is None else window
+        assert windowed.length <= width  # the new token's column too
+        assert mask_widths[-1] == width
+        if not compile:
+            assert [key_widths[id(layer)] for layer in windowed.cache.layers] == [width] * len(windowed.cache.layers)
+        windows.append("capacity" if window is None else window)
 
     steps = 140 if not compile else 70  # compiled: two window sizes (one compiled variant each), not three
     drive([dynamic, whole, windowed], steps=steps, restart_every=7, reserve=150, on_step=record)
@@ -152,11 +171,49 @@ def test_windowed_attention_matches_the_whole_buffer_and_the_dynamic_cache(compi
     assert whole.compactions == windowed.compactions == 0  # the large reserve: nothing to shift out
 
 
+def test_windowed_attention_through_shifts_and_growth():
+    """With a window narrower than the buffer, compaction and growth keep the dynamic cache's numbers."""
+    model = tiny_lm()
+    dynamic = IncrementalLM(model, output_hidden_states=True)
+    windowed = StaticIncrementalLM(model, output_hidden_states=True, max_window_fraction=1.0)
+    seen: list[tuple[int | None, int]] = []
+
+    def record() -> None:
+        assert windowed.cache is not None
+        seen.append((windowed.cache.layers[0].window, windowed.capacity))
+
+    drive([dynamic, windowed], steps=200, restart_every=30, reserve=60, on_step=record)
+    assert windowed.compactions > 0, "the buffer never filled: the shift was not exercised"
+    assert any(window is not None and window < capacity for window, capacity in seen)
+    assert len({capacity for _, capacity in seen}) > 1, "the buffer never grew"
+
+
+def test_other_layer_types_are_not_windowed():
+    """A cache with a layer that is not a `DtypeStableStaticLayer` (a sliding-window layer, say) reads whole."""
+    model = tiny_lm()
+    dynamic, static = IncrementalLM(model), StaticIncrementalLM(model, max_window_fraction=1.0)
+    gen = torch.Generator().manual_seed(3)
+    prompts = random_sequences(gen, 3)
+    assert_same(dynamic.start(prompts), static.start(prompts, reserve=100))
+    assert static.cache is not None
+    static.cache.layers[1].__class__ = StaticLayer  # as a model with another layer type would have
+    for _ in range(4):
+        tokens = torch.randint(3, VOCAB, (3,), generator=gen)
+        assert_same(dynamic.step(tokens), static.step(tokens))
+        assert static.cache.layers[0].window is None
+
+
+def test_max_window_fraction_is_checked():
+    with pytest.raises(ValueError, match="max_window_fraction"):
+        StaticIncrementalLM(tiny_lm(), max_window_fraction=1.5)
+    assert attention_window(100, capacity=200, max_fraction=2.0) == 128  # a fraction past 1 counts as 1
+
+
 def test_prefill_after_windowed_steps_reads_the_whole_buffer():
     """A new batch in a reused buffer is prefilled with no window left over from the last step."""
     model = tiny_lm()
-    dynamic, static = IncrementalLM(model), StaticIncrementalLM(model)
-    static.max_window_fraction = 1.0  # the window of 64 after three steps, whatever this device's default
+    # the window of 64 after three steps, whatever this device's default
+    dynamic, static = IncrementalLM(model), StaticIncrementalLM(model, max_window_fraction=1.0)
     gen = torch.Generator().manual_seed(2)
     first = random_sequences(gen, 3)
     dynamic.start(first), static.start(first, reserve=120)
@@ -224,21 +281,24 @@ def test_unknown_decoding_is_rejected_by_name():
         PolicyLink(tiny_lm(), decoding="fast")
 
 
+@pytest.mark.parametrize("reserve", [6, 100])  # 100: a window of 64 columns in a buffer of ~108
 @pytest.mark.parametrize("autocast_at", ["step", "start"])
-def test_static_cache_across_a_change_of_autocast(autocast_at):
+def test_static_cache_across_a_change_of_autocast(autocast_at, reserve):
     """Episodes start outside the agent's autocast and step inside it (PPO with ``bf16``), or the other way:
     the static buffers, allocated at prefill, must take the other dtype as the dynamic cache does."""
     model = tiny_lm()
-    dynamic, static = IncrementalLM(model), StaticIncrementalLM(model)
+    dynamic, static = IncrementalLM(model), StaticIncrementalLM(model, max_window_fraction=1.0)
     gen = torch.Generator().manual_seed(0)
     prompts = random_sequences(gen, 3)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast_at == "start"):
-        dynamic.start(prompts), static.start(prompts, reserve=6)
+        dynamic.start(prompts), static.start(prompts, reserve=reserve)
     for _ in range(5):
         tokens = torch.randint(3, VOCAB, (3,), generator=gen)
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast_at == "step"):
             a, b = dynamic.step(tokens), static.step(tokens)
         torch.testing.assert_close(a.logits, b.logits, atol=3e-2, rtol=3e-2)
+    assert static.cache is not None
+    assert static.cache.layers[0].window == (None if reserve == 6 else MIN_ATTENTION_WINDOW)
 
 
 def test_restart_with_a_long_prompt_when_the_buffer_is_full_and_partly_dead():

@@ -8,8 +8,8 @@ forward; with every shape fixed, ``mode="reduce-overhead"`` replays the whole st
 
 `StaticIncrementalLM` is that cure for textenv's batches of restartable rows:
 
-- the cache holds ``capacity`` columns per row; the attention mask is always ``(B, capacity)`` with 1 on
-  the real tokens, so the decode forward has the same shapes at every step;
+- the cache holds ``capacity`` columns per row; the attention mask is ``(B, capacity)`` (or a window of
+  it, below) with 1 on the real tokens, so the decode forward has the same shapes from step to step;
 - all rows write their next token at the same column (the cache's ``cumulative_length``), exactly as in
   the dynamic cache, and positions still come from the mask, so outputs match the dynamic path;
 - a restarted row is prefilled on its own and copied in right-aligned with the write column; when the
@@ -22,7 +22,8 @@ forward; with every shape fixed, ``mode="reduce-overhead"`` replays the whole st
   use: on the CPU, a `small` step at batch 64 took 22 ms with 80 columns and 58 ms with 1,040, and 20 ms
   with 1,040 and the window. On the CPU a strided prefix of the buffer costs more per column than a whole
   contiguous buffer, so there the window is used only when it at most halves the columns
-  (`max_window_fraction`); on CUDA, where attention reads the keys per (row, head) block, always.
+  (`max_window_fraction`). On CUDA it is used whenever it is narrower than the buffer; that is not measured
+  on a GPU yet (`benchmarks/components.py` times the compiled step both ways).
 
 ``decoding="compiled"`` compiles the decode forward (static shapes): on CUDA with
 ``mode="reduce-overhead"`` (CUDA graphs), on CPU with inductor's default mode. Compiling costs seconds per
@@ -85,7 +86,7 @@ def new_static_cache(model: PreTrainedModel, capacity: int) -> StaticCache:
 
 
 MIN_ATTENTION_WINDOW = 64
-"""The narrowest attention window: below this, saving columns saves less than another compiled variant costs."""
+"""The narrowest attention window: short prompts share one compiled variant, where a few columns save little."""
 
 
 def attention_window(columns: int, capacity: int, max_fraction: float = 1.0) -> int:
@@ -95,10 +96,10 @@ def attention_window(columns: int, capacity: int, max_fraction: float = 1.0) -> 
     per doubling. A window wider than ``max_fraction × capacity`` gives way to the whole buffer. The prompt's
     columns are in use from the first step, so a batch reaches only the sizes between its prompt and its
     prompt plus response: a 64-token prompt with 128 new tokens (capacity 192) attends to 128 columns for its
-    first 63 steps and to all 192 after (with ``max_fraction`` 1).
+    first 64 decode steps and to all 192 after (with ``max_fraction`` 1).
     """
     window = max(MIN_ATTENTION_WINDOW, 1 << (columns - 1).bit_length())
-    return window if window <= max_fraction * capacity else capacity
+    return window if window <= min(max_fraction, 1.0) * capacity else capacity
 
 
 def default_max_window_fraction(device: torch.device) -> float:
@@ -106,8 +107,10 @@ def default_max_window_fraction(device: torch.device) -> float:
     return 1.0 if device.type == "cuda" else 0.5
 
 
-RECOMPILE_LIMIT = 64
-"""Compiled variants (batch × cache capacity × autocast) one decoder keeps before dynamo runs it eagerly."""
+RECOMPILE_LIMIT = 128
+"""Compiled variants (batch × cache capacity × attention window × autocast) one decoder keeps before dynamo
+runs it eagerly. Capacities only grow within a decoder and windows are one per doubling, so a run reaches a
+few tens at most."""
 
 _DECODER_IDS = itertools.count()
 
@@ -127,8 +130,8 @@ class StaticIncrementalLM(IncrementalLM):
     :param compile_mode: ``torch.compile`` mode; default `default_compile_mode` of the model's device.
     :param windowed: attend to a prefix window of the buffer that covers the used columns (`attention_window`);
         False reads all ``capacity`` columns at every step (one compiled variant; the benchmarks compare both).
-        ``max_window_fraction`` (default `default_max_window_fraction` of the model's device) is the widest
-        window, as a fraction of the capacity, that is used instead of the whole buffer.
+    :param max_window_fraction: the widest window, as a fraction of the capacity in (0, 1], used instead of
+        the whole buffer; default `default_max_window_fraction` of the model's device.
     """
 
     def __init__(
@@ -139,6 +142,7 @@ class StaticIncrementalLM(IncrementalLM):
         compile: bool = False,
         compile_mode: str | None = None,
         windowed: bool = True,
+        max_window_fraction: float | None = None,
     ) -> None:
         super().__init__(model, output_hidden_states, pad_token_id)
         if self._cache_kw != "cache":
@@ -148,7 +152,9 @@ class StaticIncrementalLM(IncrementalLM):
             )
         self.compile = compile
         self.windowed = windowed
-        self.max_window_fraction = default_max_window_fraction(self.device)
+        if max_window_fraction is not None and not 0 < max_window_fraction <= 1:
+            raise ValueError(f"max_window_fraction must be in (0, 1], got {max_window_fraction}")
+        self.max_window_fraction = max_window_fraction or default_max_window_fraction(self.device)
         self.compile_mode = compile_mode or default_compile_mode(self.device)
         # The torch.compile modes that replay CUDA graphs, whose outputs live in memory the next replay reuses.
         self._cuda_graphs = compile and self.compile_mode in ("reduce-overhead", "max-autotune")
@@ -225,7 +231,8 @@ class StaticIncrementalLM(IncrementalLM):
         assert self.cache is not None
         if not self.windowed or not all(isinstance(layer, DtypeStableStaticLayer) for layer in self.cache.layers):
             return None  # sliding-window or other layer types keep transformers' own sizes
-        return attention_window(self.length + 1, self.capacity, self.max_window_fraction)
+        window = attention_window(self.length + 1, self.capacity, self.max_window_fraction)
+        return None if window >= self.capacity else window  # the whole buffer: no slices, the unwindowed variant
 
     def _initialized_layers(self) -> list:
         assert self.cache is not None
@@ -317,7 +324,8 @@ class StaticIncrementalLM(IncrementalLM):
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
         window = self._step_window()
         self._set_window(window)
-        logits, hidden = self._decode(tokens, self.cache_mask[:, :window], positions)
+        mask = self.cache_mask if window is None else self.cache_mask[:, :window]
+        logits, hidden = self._decode(tokens, mask, positions)
         self.length += 1
         logits, hidden = logits.float(), None if hidden is None else hidden.float()
         if self._cuda_graphs:  # copies, not views: a CUDA-graph replay overwrites its outputs on the next step
