@@ -217,7 +217,7 @@ class PPOAgent:
         self.device = next(policy.parameters()).device
         self.link = PolicyLink(
             policy.lm, self.config.sampling, output_hidden_states=True, pad_token_id=env.engine.pad_id,
-            decoding=self.config.decoding,
+            decoding=self.config.decoding, autocast=self._autocast,
         )  # fmt: skip
         env.bind_policy(self.link)
         env.reset(seed=self.config.seed)  # seeds each row's prompt generator (seed + row), as Gymnasium does

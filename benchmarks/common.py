@@ -105,6 +105,11 @@ def benchmark_parser(
             help="textenv computes the reference log-probs once per batch, after generation (as TRL does), "
             "instead of one cached reference forward per token",
         )  # fmt: skip
+        parser.add_argument(
+            "--no-prefetch", action="store_true",
+            help="queue the policy's next forward when the agent asks for it, not right after the env's host "
+            "read (PolicyLink.prefetch): the order before, to compare",
+        )  # fmt: skip
     return parser
 
 

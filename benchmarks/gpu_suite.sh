@@ -31,7 +31,8 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 # First the numbers: the static and compiled (CUDA-graph) decode paths against the dynamic cache, and the
 # deferred KL against the per-token one, on the GPU.
 if want tests; then
-  TEXTENV_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_static_decoding.py tests/test_deferred_kl.py 2>&1 \
+  TEXTENV_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_static_decoding.py tests/test_deferred_kl.py \
+    tests/test_policy_prefetch.py 2>&1 \
     | tee "$out/gpu_tests.txt"
 fi
 gpt2="--shape gpt2 --prompt 64 --device cuda --bf16"
@@ -73,6 +74,8 @@ if want deferred; then
   for batch in 64 256; do
     run rollout_deferred python3 benchmarks/rollout.py $gpt2 --new 128 --batch $batch --decoding compiled --defer-kl
   done
+  # the policy's forward queued when the agent asks (the order before PolicyLink.prefetch), at the host-bound batch
+  run rollout_deferred python3 benchmarks/rollout.py $gpt2 --new 128 --batch 64 --decoding compiled --defer-kl --no-prefetch
 fi
 if want ppo_deferred; then
   run ppo_vs_trl_deferred python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 \

@@ -91,6 +91,7 @@ def run_textenv(models, prompts, args) -> tuple[float, float | None, dict]:
         max_new_tokens=args.new, kl_coef=FixedKLController(0.05), autoreset_mode="Disabled",
         decoding=args.decoding,
     )  # fmt: skip
+    env.engine.prefetch_policy = not args.no_prefetch
     minibatch = args.batch // args.minibatches
     agent = PPOAgent(
         PolicyWithValueHead(copy.deepcopy(models["policy"])), env,

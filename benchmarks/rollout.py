@@ -42,6 +42,7 @@ def rollout_agent(models, prompts, args) -> PPOAgent:
         prompts, num_envs=len(prompts), tokenizer=models["tokenizer"], max_prompt_tokens=args.prompt,
         max_new_tokens=args.new, autoreset_mode="Disabled", decoding=args.decoding,
     )  # fmt: skip
+    env.engine.prefetch_policy = not args.no_prefetch
     policy = PolicyWithValueHead(copy.deepcopy(models["policy"]))
     config = PPOConfig(minibatch_size=len(prompts), micro_batch_size=len(prompts), bf16=args.bf16, decoding=args.decoding,
                        defer_kl=args.defer_kl)  # fmt: skip
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     hf_tps = args.batch * hf_steps / hf_time
     te_tps = args.batch * te_steps / te_time
     print(f"shape={args.shape} batch={args.batch} prompt={args.prompt} new={args.new} device={args.device} "
-          f"bf16={args.bf16} decoding={args.decoding} defer_kl={args.defer_kl}")  # fmt: skip
+          f"bf16={args.bf16} decoding={args.decoding} defer_kl={args.defer_kl} prefetch={not args.no_prefetch}")  # fmt: skip
     print(f"HF generate       : {hf_tps:10.0f} tokens/s  ({hf_steps} steps in {hf_time:.3f} s)")
     print(f"textenv rollout   : {te_tps:10.0f} tokens/s  ({te_steps} steps in {te_time:.3f} s; + reference KL, value, RM)")
     print(f"ratio textenv/HF  : {te_tps / hf_tps:.2f}x")

@@ -11,12 +11,16 @@ from benchmarks.common import build, random_prompts
 from benchmarks.live_memory import LiveTensorPeak, resident_bytes
 
 
-@pytest.mark.parametrize("decoding, extra", [("dynamic", []), ("static", []), ("static", ["--defer-kl"])])
+@pytest.mark.parametrize(
+    "decoding, extra",
+    [("dynamic", []), ("static", []), ("static", ["--defer-kl"]), ("static", ["--defer-kl", "--no-prefetch"])],
+)
 def test_rollout_benchmark_prints_a_ratio(decoding, extra, capsys):
     result = rollout.main(["--batch", "4", "--prompt", "4", "--new", "6", "--repeats", "1", "--decoding", decoding, *extra])
     assert math.isfinite(result["ratio"]) and result["ratio"] > 0
     out = capsys.readouterr().out
-    assert "ratio textenv/HF" in out and f"defer_kl={bool(extra)}" in out
+    assert "ratio textenv/HF" in out and f"defer_kl={'--defer-kl' in extra}" in out
+    assert f"prefetch={'--no-prefetch' not in extra}" in out
 
 
 def test_scaling_benchmark_reports_every_length():
@@ -30,7 +34,7 @@ def run_tiny_textenv_side(decoding: str, cpu_memory: bool, defer_kl: bool = Fals
     models = build("tiny", 12, "cpu", torch.float32)
     prompts = random_prompts(models["tokenizer"], 4, 4)
     args = types.SimpleNamespace(batch=4, minibatches=2, prompt=4, new=8, iterations=1, device="cpu", bf16=False,
-                                 decoding=decoding, cpu_memory=cpu_memory, defer_kl=defer_kl, warmup=warmup)  # fmt: skip
+                                 decoding=decoding, cpu_memory=cpu_memory, defer_kl=defer_kl, warmup=warmup, no_prefetch=False)  # fmt: skip
     return models, ppo_vs_trl.run_textenv(models, prompts, args)
 
 

@@ -19,7 +19,8 @@ true for a random agent (``log π(a) = -log V``), and the KL it reports is then 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from transformers import PreTrainedModel
@@ -39,6 +40,9 @@ class PolicyLink:
     :param pad_token_id: id used in padding columns of the policy's cache.
     :param decoding: ``dynamic``, ``static`` or ``compiled`` KV cache and decode step
         (see `textenv.static_decoding`).
+    :param autocast: the context every policy forward runs in (an agent's bf16 autocast, say). A forward may
+        run inside the env's ``step`` (`prefetch`), outside the agent's own ``with`` block, so the link
+        applies it itself.
     """
 
     def __init__(
@@ -48,8 +52,10 @@ class PolicyLink:
         output_hidden_states: bool = False,
         pad_token_id: int = 0,
         decoding: str = "dynamic",
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
         self.model = model
+        self.autocast = autocast
         self.sampling = sampling or SamplingConfig()
         self.decoder: IncrementalLM | None = (
             make_decoder(model, decoding, output_hidden_states, pad_token_id) if model is not None else None
@@ -72,11 +78,22 @@ class PolicyLink:
                 raise RuntimeError(
                     "this PolicyLink has no model: call provide(logprobs) before each env step"
                 )
-            self._current = self.decoder.step(self._pending)
+            with self.autocast():
+                self._current = self.decoder.step(self._pending)
             self._pending = None
         if self._current is None:
             raise RuntimeError("no current policy output: reset the env first, or provide(logprobs)")
         return self._current
+
+    def prefetch(self) -> None:
+        """Run the pending forward now instead of when the next distribution is asked for.
+
+        The env calls it right after its one host read of a step, when it knows some row goes on: on a GPU
+        the forward then runs while the host does the env's bookkeeping and the agent's loop, instead of
+        after them. The outputs are the same; only the moment the work is queued changes.
+        """
+        if self._pending is not None and self.decoder is not None:
+            self.outputs()
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Sample one token per row from the sampling distribution."""
