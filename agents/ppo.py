@@ -18,9 +18,10 @@ the phases in plain sight:
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -36,6 +37,11 @@ from textenv.vector_env import TextGenerationVectorEnv
 
 
 # ============================================================================================ math
+def cuda_bf16_autocast(bf16: bool, device_type: str) -> AbstractContextManager:
+    """bf16 autocast when asked for and on CUDA (``PPOConfig.bf16``); no change otherwise."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device_type == "cuda" else nullcontext()
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over entries where ``mask`` is true."""
     mask = mask.to(x.dtype)
@@ -215,9 +221,12 @@ class PPOAgent:
         self.ptx_batches = ptx_batches
         self.gold_reward = gold_reward
         self.device = next(policy.parameters()).device
+        # A function of the settings, not a method: the link holds it, and a bound method would tie the env
+        # (which holds the link) to the agent in a reference cycle.
+        self._autocast = functools.partial(cuda_bf16_autocast, self.config.bf16, self.device.type)
         self.link = PolicyLink(
             policy.lm, self.config.sampling, output_hidden_states=True, pad_token_id=env.engine.pad_id,
-            decoding=self.config.decoding, autocast=self._autocast,
+            decoding=self.config.decoding, autocast=self._autocast, prefetch=True,
         )  # fmt: skip
         env.bind_policy(self.link)
         env.reset(seed=self.config.seed)  # seeds each row's prompt generator (seed + row), as Gymnasium does
@@ -228,17 +237,12 @@ class PPOAgent:
             lm = policy.lm  # transformers >= 5.x renamed gradient to activation checkpointing
             (getattr(lm, "activation_checkpointing_enable", None) or lm.gradient_checkpointing_enable)()
 
-    def _autocast(self):
-        if self.config.bf16 and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
-
     # ------------------------------------------------------------------------------ 1. rollout
     def rollout(self) -> Rollout:
         """Run B episodes to the end with the current policy, reading values from the shared trunk."""
         self.policy.eval()
         batch = collect_rollout(
-            self.env, self.link, self.generator, self.policy.value, autocast=self._autocast, defer_kl=self.config.defer_kl
+            self.env, self.link, self.generator, self.policy.value, defer_kl=self.config.defer_kl
         )
         if self.config.missing_eos_penalty is not None:
             lengths = batch.mask.sum(1).long()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,12 +55,12 @@ def collect_rollout(
     generator: torch.Generator,
     value_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     prompts: Sequence[str] | None = None,
-    autocast: Callable[[], AbstractContextManager] = nullcontext,
     defer_kl: bool = False,
 ) -> Rollout:
     """Run B episodes to the end, sampling from ``link`` with ``generator``.
 
-    :param value_fn: maps the policy's last hidden state ``(B, H)`` to values ``(B,)`` (PPO's critic).
+    :param value_fn: maps the policy's last hidden state ``(B, H)`` to values ``(B,)`` (PPO's critic). It runs,
+        with the distribution, in the link's ``autocast`` context, which the link's own forwards also use.
     :param prompts: explicit prompts for the B rows (default: the env samples them).
     :param defer_kl: the env computes the reference log-probs once, over the finished batch, instead of one
         cached reference forward per token (``reset(options={"defer_kl": True})``); the rewards are the same
@@ -83,7 +82,7 @@ def collect_rollout(
     completions: list[str | None] = [None] * B  # the texts the reward function scored
     for t in range(T):
         mask[:, t] = ~env.done
-        with autocast():
+        with link.autocast():  # the link's, which its own (prefetched) forwards also run in
             distribution = link.logprobs()
             if value_fn is not None:
                 values[:, t] = value_fn(link.outputs().hidden)

@@ -107,8 +107,8 @@ def benchmark_parser(
         )  # fmt: skip
         parser.add_argument(
             "--no-prefetch", action="store_true",
-            help="queue the policy's next forward when the agent asks for it, not right after the env's host "
-            "read (PolicyLink.prefetch): the order before, to compare",
+            help="queue the policy's next forward when the agent asks for it, not at the end of the env's step "
+            "(PolicyLink.prefetch): the order before, to compare",
         )  # fmt: skip
     return parser
 

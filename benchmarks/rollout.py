@@ -42,11 +42,12 @@ def rollout_agent(models, prompts, args) -> PPOAgent:
         prompts, num_envs=len(prompts), tokenizer=models["tokenizer"], max_prompt_tokens=args.prompt,
         max_new_tokens=args.new, autoreset_mode="Disabled", decoding=args.decoding,
     )  # fmt: skip
-    env.engine.prefetch_policy = not args.no_prefetch
     policy = PolicyWithValueHead(copy.deepcopy(models["policy"]))
     config = PPOConfig(minibatch_size=len(prompts), micro_batch_size=len(prompts), bf16=args.bf16, decoding=args.decoding,
                        defer_kl=args.defer_kl)  # fmt: skip
-    return PPOAgent(policy, env, config)
+    agent = PPOAgent(policy, env, config)
+    agent.link.prefetch_forward = not args.no_prefetch
+    return agent
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     prompts = random_prompts(models["tokenizer"], args.batch, args.prompt)
     rows = []
     print(f"shape={args.shape} batch={args.batch} prompt={args.prompt} device={args.device} bf16={args.bf16} "
-          f"decoding={args.decoding} defer_kl={args.defer_kl}")  # fmt: skip
+          f"decoding={args.decoding} defer_kl={args.defer_kl} prefetch={not args.no_prefetch}")  # fmt: skip
     print(f"{'new tokens':>10} {'textenv ms/step':>16} {'uncached ms/step':>17}")
     for new in lengths:
         settings = types.SimpleNamespace(prompt=args.prompt, new=new, bf16=args.bf16, decoding=args.decoding, defer_kl=args.defer_kl,

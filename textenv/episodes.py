@@ -155,9 +155,6 @@ class EpisodeBatch:
         self.last_scores = np.full(B, np.nan)
         self.defer_scores = False  # see `reset_rows`
         self.defer_kl = False  # see `reset_rows`
-        # The bound policy's next forward is queued right after a step's host read (`PolicyLink.prefetch`),
-        # not when the agent next asks; False keeps the lazy order (benchmarks compare the two).
-        self.prefetch_policy = True
         self._token_logprob: torch.Tensor | None = None  # (B, T) the policy's log-probs of a deferred-KL batch
         self._unscored: list[int] = []  # ended episodes awaiting their score (when deferring)
         self._host_observation: tuple[np.ndarray, np.ndarray] | None = None  # ids and mask, read by `step`
@@ -273,10 +270,11 @@ class EpisodeBatch:
 
         The step reads the device once (`to_host`): log-probs, KL, termination, the actions (to check
         their range) and the new observation, all together. Nothing changes before that read, so an action
-        outside the action space raises `InvalidActionError` and leaves every row as it was. The policy's next
-        forward (`PolicyLink.prefetch`) and the reference's are queued right after the read, so the GPU runs
-        them while the host does its bookkeeping and the agent its loop. A deferred-KL batch (`reset_rows`)
-        runs no reference forward here but one over the whole batch when it ends.
+        outside the action space raises `InvalidActionError` and leaves every row as it was. The reference
+        forward is queued after the read, so the GPU runs it while the host does its bookkeeping, and a
+        prefetching policy link (`PolicyLink.prefetch`) queues the policy's at the end of the step. A
+        deferred-KL batch (`reset_rows`) runs no reference forward here but one over the whole batch when it
+        ends.
         """
         B, V = self.num_rows, self.vocab_size
         raw = to_device(actions, self.device).long()
@@ -332,15 +330,6 @@ class EpisodeBatch:
         host = host.astype(np.float64)
         lp_np, ref_np, kl_np, term_np = host[0], host[1], host[2], host[3].astype(bool)
 
-        # 4. advance both models' caches with the actions, if anything continues. The forwards are queued
-        # now, before the host's bookkeeping below and the agent's loop, so a GPU runs them meanwhile.
-        continuing = bool((active & ~term_np).any())
-        if self.policy is not None:
-            self.policy.advance(actions)
-            if continuing and self.prefetch_policy:
-                self.policy.prefetch()
-        if not self.defer_kl and continuing:
-            self._ref_logits = self.reference.step(actions).logits
         lp_np[~active], ref_np[~active] = np.nan, np.nan
         if self.defer_kl:
             kl_np[:] = np.nan  # not known before the batch ends
@@ -348,6 +337,13 @@ class EpisodeBatch:
         else:
             rewards = np.where(active, -beta * kl_np, 0.0)
             self.episode_kl[active] += kl_np[active]
+
+        # 4. advance both models' caches with the actions, if anything continues.
+        continuing = bool((active & ~term_np).any())
+        if self.policy is not None:
+            self.policy.advance(actions)
+        if not self.defer_kl and continuing:
+            self._ref_logits = self.reference.step(actions).logits
 
         # 5. the KL of a deferred batch once its last episode has ended; then score every episode that
         # ended, in one batch (or, deferring, every episode once all ended).
@@ -386,6 +382,11 @@ class EpisodeBatch:
                 for t, record in enumerate(records):
                     record.reward, record.kl = float(deferred.rewards[r, t]), float(deferred.kl[r, t])
                     record.ref_logprob = float(deferred.ref_logprob[r, t])
+        # 6. the policy's next forward, queued now (a link built with prefetch=True) so that a GPU runs it while
+        # the host finishes the vector env's step and the agent its loop; last, so that a failing forward finds
+        # the step done.
+        if self.policy is not None and continuing:
+            self.policy.prefetch()
         return StepResult(rewards, term_np, lp_np, ref_np, kl_np, beta, scores, completions, episode_kl, deferred)
 
     def _deferred_kl(self, beta: float) -> DeferredKL:

@@ -6,7 +6,8 @@ answer is a `PolicyLink` bound to the env (``env.bind_policy(link)``): one objec
 - The agent asks the link for the current sampling distribution (``link.logprobs()``), samples from it and
   calls ``env.step(action)``.
 - The env asks the same link for the log-prob of that action. The distribution was computed once, by
-  whichever side asked first, with the policy's KV cache; the env then advances the cache with the action.
+  whichever side asked first, with the policy's KV cache; the env then advances the cache with the action
+  (and, for a link built with ``prefetch=True``, runs that forward itself at the end of its step).
 
 So each token costs exactly one incremental policy forward, standard loops (``obs, r, ... = env.step(a)``)
 keep working, and agents that compute the distribution themselves (a stable-baselines3 policy running a
@@ -40,9 +41,12 @@ class PolicyLink:
     :param pad_token_id: id used in padding columns of the policy's cache.
     :param decoding: ``dynamic``, ``static`` or ``compiled`` KV cache and decode step
         (see `textenv.static_decoding`).
-    :param autocast: the context every policy forward runs in (an agent's bf16 autocast, say). A forward may
-        run inside the env's ``step`` (`prefetch`), outside the agent's own ``with`` block, so the link
-        applies it itself.
+    :param autocast: the context every policy forward runs in (an agent's bf16 autocast, say). A prefetched
+        forward runs inside the env's ``step``, outside the agent's own ``with`` block, so the link applies it.
+    :param prefetch: let the env run the next forward right after a step's host read (`prefetch`) instead of
+        when the agent next asks. Only for loops that change nothing in between: a weight update or a
+        train/eval switch between ``env.step`` and the next ``logprobs()`` would otherwise be missed by that
+        forward. textenv's PPO and policy-gradient agents set it (their batches run to the end unchanged).
     """
 
     def __init__(
@@ -53,9 +57,11 @@ class PolicyLink:
         pad_token_id: int = 0,
         decoding: str = "dynamic",
         autocast: Callable[[], AbstractContextManager] = nullcontext,
+        prefetch: bool = False,
     ) -> None:
         self.model = model
         self.autocast = autocast
+        self.prefetch_forward = prefetch
         self.sampling = sampling or SamplingConfig()
         self.decoder: IncrementalLM | None = (
             make_decoder(model, decoding, output_hidden_states, pad_token_id) if model is not None else None
@@ -86,13 +92,14 @@ class PolicyLink:
         return self._current
 
     def prefetch(self) -> None:
-        """Run the pending forward now instead of when the next distribution is asked for.
+        """Run the pending forward now, if this link prefetches, instead of when the next distribution is asked for.
 
-        The env calls it right after its one host read of a step, when it knows some row goes on: on a GPU
-        the forward then runs while the host does the env's bookkeeping and the agent's loop, instead of
-        after them. The outputs are the same; only the moment the work is queued changes.
+        The env calls it at the end of a step in which some row goes on: on a GPU the forward then runs while
+        the host finishes the vector env's step and the agent its loop, instead of after them. For an agent
+        that steps its batch to the end and changes nothing in between, the outputs and the number of
+        forwards are the same; only the moment the work is queued changes.
         """
-        if self._pending is not None and self.decoder is not None:
+        if self.prefetch_forward and self._pending is not None and self.decoder is not None:
             self.outputs()
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
