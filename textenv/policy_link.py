@@ -43,8 +43,8 @@ class PolicyLink:
         (see `textenv.static_decoding`).
     :param autocast: the context every policy forward runs in (an agent's bf16 autocast, say). A prefetched
         forward runs inside the env's ``step``, outside the agent's own ``with`` block, so the link applies it.
-    :param prefetch: let the env run the next forward right after a step's host read (`prefetch`) instead of
-        when the agent next asks. Only for loops that change nothing in between: a weight update or a
+    :param prefetch: let the env run the next forward at the end of its step (`prefetch`) instead of when
+        the agent next asks. Only for loops that change nothing in between: a weight update or a
         train/eval switch between ``env.step`` and the next ``logprobs()`` would otherwise be missed by that
         forward. textenv's PPO and policy-gradient agents set it (their batches run to the end unchanged).
     """
