@@ -46,11 +46,6 @@ def unpack_bits(packed: torch.Tensor, size: int) -> torch.Tensor:
     return (packed.unsqueeze(-1) & _bit_weights(packed.device)).ne(0).flatten(-2)[..., :size]
 
 
-def _truncates(sampling: SamplingConfig, vocab: int) -> bool:
-    """Whether `SamplingConfig.logprobs` masks any token out (top-k below the vocabulary, or top-p)."""
-    return 0 < sampling.top_k < vocab or sampling.top_p < 1.0
-
-
 def _rows_per_chunk(logits: torch.Tensor, T: int, chunk_elements: int) -> int:
     """Sequences per chunk: about ``chunk_elements`` of the ``T × V`` logits each uses, at least one."""
     return max(1, chunk_elements // max(1, T * logits.shape[-1]))
@@ -66,7 +61,7 @@ class _TakenLogprobs(torch.autograd.Function):
         token_entropy = torch.empty_like(taken) if with_entropy else None
         V = logits.shape[-1]
         kept = None  # with top-k / top-p: the truncated set, one bit per logit
-        if _truncates(sampling, V):
+        if sampling.truncates(V):
             kept = torch.empty(*actions.shape, -(-V // 8), dtype=torch.uint8, device=logits.device)
         step = _rows_per_chunk(logits, T, chunk_elements)
         for start in range(0, logits.shape[0], step):
@@ -94,13 +89,9 @@ class _TakenLogprobs(torch.autograd.Function):
         step = _rows_per_chunk(logits, T, ctx.chunk_elements)
         for start in range(0, logits.shape[0], step):
             rows = slice(start, start + step)
-            if kept:  # the forward's truncated set: the same masked log-softmax, without sorting again
-                z = logits[rows, -T - 1 : -1].float()
-                z = z if sampling.temperature == 1.0 else z / sampling.temperature
-                z = z.masked_fill(~unpack_bits(kept[0][rows], z.shape[-1]), float("-inf"))  # z may be the logits
-                logprobs = torch.log_softmax(z, dim=-1)
-            else:
-                logprobs = sampling.logprobs(logits[rows, -T - 1 : -1])
+            chunk = logits[rows, -T - 1 : -1]
+            # the forward's truncated set, if any: the same masked log-softmax, without sorting again
+            logprobs = sampling.logprobs(chunk, unpack_bits(kept[0][rows], chunk.shape[-1]) if kept else None)
             g = grad_taken[rows].unsqueeze(-1).float()  # (c, T, 1)
             a = actions[rows].unsqueeze(-1)
             # d log p(a) / d z_j = δ_aj − p_j on the kept tokens (p_j = 0 elsewhere). A taken token outside

@@ -41,9 +41,19 @@ class SamplingConfig:
         """True when the sampling distribution is the model's softmax itself."""
         return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
 
-    def logprobs(self, logits: torch.Tensor) -> torch.Tensor:
-        """Log-probs ``(..., V)`` of the sampling distribution; tokens filtered out get ``-inf``."""
+    def truncates(self, vocab: int) -> bool:
+        """Whether `logprobs` masks any token out of a vocabulary of this size (top-k below it, or top-p)."""
+        return 0 < self.top_k < vocab or self.top_p < 1.0
+
+    def logprobs(self, logits: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probs ``(..., V)`` of the sampling distribution; tokens filtered out get ``-inf``.
+
+        :param kept: the truncated set, if already known (bool, like ``logits``): a backward that recomputes
+            a forward's distribution masks with it instead of sorting again for top-k / top-p.
+        """
         logits = logits.float() if self.temperature == 1.0 else logits.float() / self.temperature
+        if kept is not None:
+            return torch.log_softmax(logits.masked_fill(~kept, float("-inf")), dim=-1)
         if self.top_k and self.top_k < logits.shape[-1]:
             kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
