@@ -210,8 +210,9 @@ class SequencePolicyGradientAgent(ABC):
         self.gold_reward = gold_reward
         self.device = next(self.policy.parameters()).device
         self.link = PolicyLink(
-            self.policy.lm, config.sampling, pad_token_id=env.engine.pad_id, decoding=config.decoding, prefetch=True
-        )
+            self.policy.lm, config.sampling, pad_token_id=env.engine.pad_id, decoding=config.decoding, prefetch=True,
+            guards_once_per_batch=True,
+        )  # fmt: skip
         env.bind_policy(self.link)
         # Only the LM is optimised; the value head holds REINFORCE's baseline (or nothing) and gets no gradient.
         trainable = [p for p in self.policy.lm.parameters() if p.requires_grad]  # all, or the adapters (LoRA)

@@ -226,7 +226,7 @@ class PPOAgent:
         self._autocast = functools.partial(cuda_bf16_autocast, self.config.bf16, self.device.type)
         self.link = PolicyLink(
             policy.lm, self.config.sampling, output_hidden_states=True, pad_token_id=env.engine.pad_id,
-            decoding=self.config.decoding, autocast=self._autocast, prefetch=True,
+            decoding=self.config.decoding, autocast=self._autocast, prefetch=True, guards_once_per_batch=True,
         )  # fmt: skip
         env.bind_policy(self.link)
         env.reset(seed=self.config.seed)  # seeds each row's prompt generator (seed + row), as Gymnasium does

@@ -24,6 +24,9 @@ SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(vocab=1000, n_embd=64, n_layer=2, n_head=4),
     "small": dict(vocab=8000, n_embd=256, n_layer=4, n_head=4),
     "gpt2": dict(vocab=50257, n_embd=768, n_layer=12, n_head=12),  # GPT-2 small, 124M parameters
+    # GPT-2's depth (12 blocks: its parameter tensors, modules and guards) with almost no arithmetic: a
+    # step's time is then the host's (Python, dispatch, guards), which bounds a GPU step at batch 64.
+    "host": dict(vocab=1000, n_embd=32, n_layer=12, n_head=2),
 }
 
 

@@ -71,7 +71,7 @@ def test_components_benchmark_times_each_part(monkeypatch):
     monkeypatch.setattr(components, "can_skip_guards", lambda: False)  # a torch older than 2.7
     monkeypatch.setattr(components, "compiled_without_module_guards", lambda model: None)  # older than 2.8
     ms = components.main(argv)
-    assert len(ms) == 6 and "  the same, guards not checked" not in ms
+    assert len(ms) == 6 and "  the same, guards checked once per batch" not in ms
 
 
 def test_profile_benchmark_reports_the_rollouts_operators(capsys):

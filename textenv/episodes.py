@@ -13,6 +13,7 @@ generated tokens follow; the rest is padding with attention mask 0.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from textenv.prompts import Prompt
 from textenv.rewards import RewardFunction, join_text
 from textenv.sequence_logprobs import token_logprobs
 from textenv.static_decoding import make_decoder
+from textenv.step_update import step_tensors
 
 
 @dataclass
@@ -139,9 +141,18 @@ class EpisodeBatch:
         self.record_history = record_history
         self.device = model_device(ref_model)
         self.decoding = decoding
-        self.reference = make_decoder(ref_model, decoding, pad_token_id=self.pad_id)
+        # The env owns its frozen reference (eval mode, no gradients): nothing its compiled step's guards cover
+        # changes within a batch, so they are checked in full once per batch (`textenv.static_decoding`).
+        self.reference = make_decoder(ref_model, decoding, pad_token_id=self.pad_id, guards_once_per_batch=True)
         self.policy: PolicyLink | None = None
         self._stop = torch.tensor(self.stop_ids, device=self.device)
+        step = functools.partial(
+            step_tensors, pad_id=self.pad_id, vocab_size=self.vocab_size, prompt_slots=max_prompt_tokens,
+            max_new_tokens=max_new_tokens, kl_estimator=kl_estimator,
+        )  # fmt: skip
+        # With compiled decoding the step's device work is compiled too: a few fused kernels instead of ~30
+        # launches per step (`textenv.step_update`).
+        self._step_tensors = torch.compile(step, dynamic=False, fullgraph=True) if decoding == "compiled" else step
 
         B, L = num_rows, self.length
         self.ids = torch.full((B, L), self.pad_id, dtype=torch.long, device=self.device)
@@ -279,53 +290,30 @@ class EpisodeBatch:
         B, V = self.num_rows, self.vocab_size
         raw = to_device(actions, self.device).long()
         active_t = to_device(active, self.device)
-        in_range = (raw >= 0) & (raw < V)
-        # Out-of-range ids are replaced before any lookup: on a GPU one would be a fatal device-side assert.
-        actions = torch.where(active_t & in_range, raw, torch.full_like(raw, self.pad_id))
-
-        # 1. log-probs of the chosen tokens: policy (bound link, or uniform) and reference (cached, unless
-        # the batch defers its KL to its end).
+        # 1.-2. the log-probs of the chosen tokens (policy: the bound link's distribution, or uniform;
+        # reference: its cached logits, unless the batch defers its KL), the KL term and the new state, out
+        # of place (committed after the range check), in one function of tensors (`textenv.step_update`).
+        policy_logprobs = None
         if self.policy is not None:
-            lp, pol_all = self.policy.action_logprobs(actions)
-            lp, pol_all = lp.to(self.device), pol_all.to(self.device)
-        else:
-            lp, pol_all = torch.full((B,), -math.log(V), device=self.device), None
-        if self.defer_kl:
-            ref_lp, kl = torch.full_like(lp, math.nan), torch.zeros_like(lp)
-        else:
+            policy_logprobs = self.policy.logprobs()
+            if policy_logprobs.shape[0] != B:
+                raise ValueError(f"the policy's distribution has {policy_logprobs.shape[0]} rows but the env stepped {B}")
+            policy_logprobs = policy_logprobs.to(self.device)
+        if not self.defer_kl:
             assert self._ref_logits is not None
-            ref_all = torch.log_softmax(self._ref_logits, dim=-1)
-            ref_lp = ref_all.gather(-1, actions.view(-1, 1)).squeeze(-1)
-            if pol_all is None and self.kl_estimator == "full":
-                pol_all = torch.full_like(ref_all, -math.log(V))
-            kl = kl_penalty(lp, ref_lp, self.kl_estimator, pol_all, ref_all if pol_all is not None else None)
-            kl = torch.where(active_t, kl, torch.zeros_like(kl))
+        new = self._step_tensors(
+            raw, active_t, self.ids, self.mask, self.gen_len, self._stop, policy_logprobs,
+            None if self.defer_kl else self._ref_logits, self._token_logprob if self.defer_kl else None,
+        )  # fmt: skip
         beta = float(self.kl_controller.value)
 
-        # 2. the new state, out of place (committed after the range check): append, and decide termination
-        # (EOS / stop token / length budget: all terminal). A scatter, not a masked write: indexing with a
-        # boolean mask would read its nonzero count back to the host.
-        write = active_t & (self.gen_len < self.max_new_tokens)
-        column = (self.max_prompt_tokens + self.gen_len).clamp(max=self.length - 1).view(-1, 1)
-        new_ids = self.ids.scatter(1, column, torch.where(write.view(-1, 1), actions.view(-1, 1), self.ids.gather(1, column)))
-        new_mask = self.mask.scatter(1, column, self.mask.gather(1, column) | write.long().view(-1, 1))
-        gen_len = self.gen_len + write.long()
-        terminated_t = active_t & (torch.isin(actions, self._stop) | (gen_len >= self.max_new_tokens))
-        token_logprob = self._token_logprob
-        if self.defer_kl:  # keep the policy's log-prob for the KL at the batch's end
-            assert token_logprob is not None
-            at = self.gen_len.clamp(max=self.max_new_tokens - 1).view(-1, 1)
-            kept = torch.where(write.view(-1, 1), lp.view(-1, 1), token_logprob.gather(1, at))
-            token_logprob = token_logprob.scatter(1, at, kept)
-
         # 3. one host read for everything the caller sees.
-        values = torch.stack([lp, ref_lp, kl, terminated_t.float()]).float()
-        host, raw_np, ids_np, mask_np = to_host(values, raw, new_ids, new_mask)
+        host, raw_np, ids_np, mask_np = to_host(new.report, raw, new.ids, new.mask)
         low, high = int(raw_np.min()), int(raw_np.max())
         if low < 0 or high >= V:
             raise InvalidActionError(f"action {low if low < 0 else high} is outside the action space [0, {V})")
-        self.ids, self.mask, self.gen_len = new_ids, new_mask, gen_len
-        self._token_logprob = token_logprob
+        self.ids, self.mask, self.gen_len = new.ids, new.mask, new.gen_len
+        self._token_logprob = new.token_logprob if self.defer_kl else self._token_logprob
         self._host_observation = (ids_np, mask_np)
         host = host.astype(np.float64)
         lp_np, ref_np, kl_np, term_np = host[0], host[1], host[2], host[3].astype(bool)
@@ -341,9 +329,9 @@ class EpisodeBatch:
         # 4. advance both models' caches with the actions, if anything continues.
         continuing = bool((active & ~term_np).any())
         if self.policy is not None:
-            self.policy.advance(actions)
+            self.policy.advance(new.actions)
         if not self.defer_kl and continuing:
-            self._ref_logits = self.reference.step(actions).logits
+            self._ref_logits = self.reference.step(new.actions).logits
 
         # 5. the KL of a deferred batch once its last episode has ended; then score every episode that
         # ended, in one batch (or, deferring, every episode once all ended).

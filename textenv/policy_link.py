@@ -47,6 +47,11 @@ class PolicyLink:
         the agent next asks. Only for loops that change nothing in between: a weight update or a
         train/eval switch between ``env.step`` and the next ``logprobs()`` would otherwise be missed by that
         forward. textenv's PPO and policy-gradient agents set it (their batches run to the end unchanged).
+    :param guards_once_per_batch: with ``compiled`` decoding, check the compiled step's dynamo guards in full
+        only once per batch and window size (`textenv.static_decoding`, "Guards"). The same kind of promise as
+        ``prefetch``: nothing the guards cover (the model's ``training`` flags, hooks or attributes) changes
+        within a batch. In-place weight updates are not covered by guards and stay safe. The agents that set
+        ``prefetch`` set this too.
     """
 
     def __init__(
@@ -58,13 +63,16 @@ class PolicyLink:
         decoding: str = "dynamic",
         autocast: Callable[[], AbstractContextManager] = nullcontext,
         prefetch: bool = False,
+        guards_once_per_batch: bool = False,
     ) -> None:
         self.model = model
         self.autocast = autocast
         self.prefetch_forward = prefetch
         self.sampling = sampling or SamplingConfig()
         self.decoder: IncrementalLM | None = (
-            make_decoder(model, decoding, output_hidden_states, pad_token_id) if model is not None else None
+            make_decoder(model, decoding, output_hidden_states, pad_token_id, guards_once_per_batch=guards_once_per_batch)
+            if model is not None
+            else None
         )
         self._current: StepOutput | None = None  # outputs for the current state of every row
         self._logprobs: torch.Tensor | None = None  # sampling log-probs for the current state

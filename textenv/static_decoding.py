@@ -28,10 +28,25 @@ forward; with every shape fixed, ``mode="reduce-overhead"`` replays the whole st
 ``decoding="compiled"`` compiles the decode forward (static shapes): on CUDA with
 ``mode="reduce-overhead"`` (CUDA graphs), on CPU with inductor's default mode. Compiling costs seconds per
 model and shape once, so it pays for long runs and benchmarks, not for a single short episode.
+
+Guards. Before every call of a compiled function, dynamo checks that what it assumed when compiling still
+holds: each parameter's and buffer's shape and dtype, every module's ``training`` flag and hooks, the
+autocast and grad mode. For a 12-block model that is hundreds of checks: 0.10-0.15 ms per call on this
+project's CPU (`benchmarks/components.py --shape host`), 0.2 ms in a rollout, where two decoders take
+turns. On a GPU at batch 64 a GPT-2-small step is bound by such host work, not by its arithmetic, so the
+whole step waits for it. With ``guards_once_per_batch`` a decoder checks them in full at the first step of
+each window size after each `start` or `replace_rows`, and for the rest of the batch only the guards that
+tell its compiled variants apart (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, torch >=
+2.7). That is sound when nothing the guards cover changes within a batch, which the caller promises:
+textenv's agents (whose batches run from reset to end with no update in between) and the env's frozen
+reference do; a default `PolicyLink` does not, and checks every guard at every step. A change between
+batches (a hook, ``train()``, another autocast) is still seen at the next batch's first step; in-place
+weight updates are never guarded, so they need no check.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import types
 from collections.abc import Sequence
@@ -115,6 +130,12 @@ few tens at most."""
 _DECODER_IDS = itertools.count()
 
 
+def can_skip_guards() -> bool:
+    """Whether this torch can skip guard evaluation (``set_stance(skip_guard_eval_unsafe=...)``, torch >= 2.7)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance is not None and "skip_guard_eval_unsafe" in inspect.signature(set_stance).parameters
+
+
 def default_compile_mode(device: torch.device) -> str:
     """CUDA graphs on CUDA (the launch overhead is the cost there); inductor's default elsewhere."""
     return "reduce-overhead" if device.type == "cuda" else "default"
@@ -132,6 +153,10 @@ class StaticIncrementalLM(IncrementalLM):
         False reads all ``capacity`` columns at every step (one compiled variant; the benchmarks compare both).
     :param max_window_fraction: the widest window, as a fraction of the capacity in (0, 1], used instead of
         the whole buffer; default `default_max_window_fraction` of the model's device.
+    :param guards_once_per_batch: with ``compile``, check the compiled step's guards in full only at the first
+        step of each window size after each `start` or `replace_rows` (see "Guards" in the module docstring).
+        Only for callers that change nothing the guards cover (the modules' ``training`` flags, hooks or
+        attributes, the autocast or grad mode) between those calls and the steps that follow them.
     """
 
     def __init__(
@@ -143,6 +168,7 @@ class StaticIncrementalLM(IncrementalLM):
         compile_mode: str | None = None,
         windowed: bool = True,
         max_window_fraction: float | None = None,
+        guards_once_per_batch: bool = False,
     ) -> None:
         super().__init__(model, output_hidden_states, pad_token_id)
         if self._cache_kw != "cache":
@@ -161,6 +187,8 @@ class StaticIncrementalLM(IncrementalLM):
         self.cache: StaticCache | None = None  # type: ignore[assignment]
         self.length = 0  # the column the next token is written to (= columns in use)
         self._decode = self._compiled_decode() if compile else self._eager_decode
+        self.guards_once_per_batch = guards_once_per_batch and compile and can_skip_guards()
+        self._guarded_windows: set[int | None] = set()  # window sizes whose guards were checked in this batch
         self.compactions = 0  # in-place shifts when the buffer filled (counted for tests)
 
     @property
@@ -287,6 +315,7 @@ class StaticIncrementalLM(IncrementalLM):
                 layer.keys[:, :, :length] = old.keys[:, :, :length]
                 layer.values[:, :, :length] = old.values[:, :, :length]
         self._set_length(length)
+        self._guarded_windows.clear()  # new buffers: new guards
 
     # ------------------------------------------------------------------------------- public interface
     @torch.no_grad()
@@ -299,6 +328,7 @@ class StaticIncrementalLM(IncrementalLM):
         assert self.cache_mask is not None
         self.cache_mask[:, : ids.shape[1]] = mask
         self._set_window(None)  # the prefill writes and reads the whole buffer (a reused cache keeps its window)
+        self._guarded_windows.clear()  # a new batch: every guard is checked again
         self.forward_calls += 1
         self.tokens_processed += ids.numel()
         out = self.model(
@@ -325,7 +355,12 @@ class StaticIncrementalLM(IncrementalLM):
         window = self._step_window()
         self._set_window(window)
         mask = self.cache_mask if window is None else self.cache_mask[:, :window]
-        logits, hidden = self._decode(tokens, mask, positions)
+        if self.guards_once_per_batch and window in self._guarded_windows:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                logits, hidden = self._decode(tokens, mask, positions)
+        else:
+            logits, hidden = self._decode(tokens, mask, positions)
+            self._guarded_windows.add(window)
         self.length += 1
         logits, hidden = logits.float(), None if hidden is None else hidden.float()
         if self._cuda_graphs:  # copies, not views: a CUDA-graph replay overwrites its outputs on the next step
@@ -337,6 +372,7 @@ class StaticIncrementalLM(IncrementalLM):
         """Restart ``rows`` with new sequences; other rows keep their cache. Returns outputs for ``rows``."""
         if self.cache is None or self.cache_mask is None:
             raise RuntimeError("IncrementalLM.replace_rows called before start()")
+        self._guarded_windows.clear()  # a restart ends what `guards_once_per_batch` trusts
         new_out, new_cache, new_mask = self._prefill(sequences)
         n = new_mask.shape[1]
         if n > self.length:
@@ -358,12 +394,17 @@ def make_decoder(
     output_hidden_states: bool = False,
     pad_token_id: int = 0,
     compile_mode: str | None = None,
+    guards_once_per_batch: bool = False,
 ) -> IncrementalLM:
-    """The incremental decoder for ``decoding``: ``dynamic``, ``static`` or ``compiled`` (see `DECODINGS`)."""
+    """The incremental decoder for ``decoding``: ``dynamic``, ``static`` or ``compiled`` (see `DECODINGS`).
+
+    ``guards_once_per_batch`` is `StaticIncrementalLM`'s (``compiled`` only).
+    """
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
     if decoding == "dynamic":
         return IncrementalLM(model, output_hidden_states, pad_token_id)
     return StaticIncrementalLM(
-        model, output_hidden_states, pad_token_id, compile=decoding == "compiled", compile_mode=compile_mode
-    )
+        model, output_hidden_states, pad_token_id, compile=decoding == "compiled", compile_mode=compile_mode,
+        guards_once_per_batch=guards_once_per_batch,
+    )  # fmt: skip

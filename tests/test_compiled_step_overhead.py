@@ -1,0 +1,177 @@
+"""The two cuts in a compiled step's host work give the plain path's numbers and keep their safety checks.
+
+- `StaticIncrementalLM(guards_once_per_batch=True)` checks dynamo's guards in full once per batch and
+  window size, then only those that tell the compiled variants apart: the outputs stay the dynamic cache's,
+  the cheap check is really used, and what changes between batches (a hook, the autocast) is still seen.
+- `textenv.step_update.step_tensors`, the env step's device work, gives the same tensors compiled as eager,
+  and an env with compiled decoding still refuses a bad action without changing any row.
+
+The tests run on the CPU; ``TEXTENV_TEST_DEVICE=cuda`` runs them on a GPU (CUDA graphs; gpu_suite.sh).
+"""
+
+import functools
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from agents.ppo import PPOAgent, PPOConfig
+from agents.reinforce import ReinforceAgent, ReinforceConfig
+from agents.value_head import PolicyWithValueHead
+from textenv import PolicyLink
+from textenv.errors import InvalidActionError
+from textenv.incremental import IncrementalLM
+from textenv.models import build_tiny_causal_lm, tiny_gpt2_config
+from textenv.static_decoding import StaticIncrementalLM, can_skip_guards, make_decoder
+from textenv.step_update import step_tensors
+from textenv.toy import make_toy_env, toy_components
+
+VOCAB = 40
+DEVICE = torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu"))
+needs_skip = pytest.mark.skipif(not can_skip_guards(), reason="torch < 2.7 cannot skip guard evaluation")
+
+
+def tiny_lm(seed: int = 0):
+    config = tiny_gpt2_config(VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=2)
+    return build_tiny_causal_lm(config, seed).to(DEVICE)
+
+
+def sequences(gen: torch.Generator, n: int) -> list[torch.Tensor]:
+    return [torch.randint(3, VOCAB, (int(k),), generator=gen) for k in torch.randint(1, 9, (n,), generator=gen)]
+
+
+@pytest.fixture
+def skipped_steps(monkeypatch) -> list[bool]:
+    """One entry per ``torch.compiler.set_stance`` call that skips guard evaluation."""
+    calls: list[bool] = []
+    set_stance = torch.compiler.set_stance
+
+    @functools.wraps(set_stance)  # the same signature: `can_skip_guards` reads it
+    def recording(*args, **kwargs):
+        if kwargs.get("skip_guard_eval_unsafe"):
+            calls.append(True)
+        return set_stance(*args, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", recording)
+    return calls
+
+
+@needs_skip
+def test_guards_once_per_batch_keeps_the_numbers_and_skips_most_checks(skipped_steps):
+    """Two batches of 70 steps (window 64, then 128) with restarts: every output is the dynamic cache's, and
+    all but the first step of each window size per batch (or after a restart) skip the full check."""
+    model = tiny_lm()
+    dynamic = IncrementalLM(model, output_hidden_states=True)
+    compiled = make_decoder(model, "compiled", output_hidden_states=True, guards_once_per_batch=True)
+    assert isinstance(compiled, StaticIncrementalLM) and compiled.guards_once_per_batch
+    gen = torch.Generator().manual_seed(0)
+    full_checks = 0
+    for batch in range(2):
+        first = sequences(gen, 4)
+        torch.testing.assert_close(dynamic.start(first).logits, compiled.start(first, reserve=150).logits)
+        windows_seen: set[int | None] = set()
+        for t in range(70):
+            tokens = torch.randint(3, VOCAB, (4,), generator=gen)
+            window = compiled._step_window()
+            full_checks += window not in windows_seen
+            windows_seen.add(window)
+            a, b = dynamic.step(tokens), compiled.step(tokens)
+            torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=1e-5)
+            if batch == 1 and t == 30:  # a restart: the next step checks every guard again
+                new = sequences(gen, 1)
+                torch.testing.assert_close(dynamic.replace_rows([2], new).logits, compiled.replace_rows([2], new).logits)
+                windows_seen.clear()
+    assert full_checks == 5  # windows 64 and 128 in each batch, and 128 again after the restart
+    assert len(skipped_steps) == 140 - full_checks
+
+
+@needs_skip
+def test_a_change_between_batches_is_still_caught():
+    """A forward hook added between two batches, and an autocast that differs from the last batch's, change the
+    compiled step's outputs from the next batch on, as they change the eager step's."""
+    model = tiny_lm()
+    eager = StaticIncrementalLM(model)
+    compiled = make_decoder(model, "compiled", guards_once_per_batch=True)
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(autocast: bool = False) -> None:
+        prompts = sequences(gen, 3)
+        eager.start(prompts, reserve=8), compiled.start(prompts, reserve=8)
+        for _ in range(4):
+            tokens = torch.randint(3, VOCAB, (3,), generator=gen)
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+                a, b = eager.step(tokens), compiled.step(tokens)
+            tol = 3e-2 if autocast else 1e-5
+            torch.testing.assert_close(a.logits, b.logits, atol=tol, rtol=tol)
+
+    batch()
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: out + 100.0)
+    batch()  # the compiled step sees the hook, or the logits would differ by 100
+    handle.remove()
+    batch(autocast=True)
+    batch()
+
+
+def test_the_flag_is_set_where_batches_run_unchanged():
+    """PPO's and the policy-gradient agents' links and the env's frozen reference check guards once per batch;
+    a default link (SB3, hand-written loops) checks them at every step."""
+    env = make_toy_env(2, autoreset_mode="Disabled", decoding="compiled", device=DEVICE)
+    assert env.engine.reference.guards_once_per_batch == can_skip_guards()
+    ppo = PPOAgent(PolicyWithValueHead(toy_components(0)["model"].to(DEVICE)), env, PPOConfig(decoding="compiled", minibatch_size=2, micro_batch_size=2))
+    assert ppo.link.decoder.guards_once_per_batch == can_skip_guards()
+    env = make_toy_env(2, autoreset_mode="Disabled", decoding="compiled", device=DEVICE)
+    pg = ReinforceAgent(toy_components(0)["model"].to(DEVICE), env, ReinforceConfig(decoding="compiled", samples_per_prompt=2, minibatch_size=2))
+    assert pg.link.decoder.guards_once_per_batch == can_skip_guards()
+    assert not PolicyLink(tiny_lm(), decoding="compiled").decoder.guards_once_per_batch
+    assert not PolicyLink(tiny_lm(), decoding="static", guards_once_per_batch=True).decoder.guards_once_per_batch
+
+
+# ------------------------------------------------------------------------------ the env step's device work
+@pytest.mark.parametrize(
+    ("estimator", "policy", "defer"),  # a deferred batch refuses the full estimator
+    [(e, p, False) for e in ("k1", "k3", "full") for p in (True, False)] + [("k1", True, True), ("k1", False, True)],
+)
+def test_step_tensors_compiled_equals_eager(estimator, policy, defer):
+    """Inactive rows, an out-of-range action, a stop token, a full row and (uniform policy) the ``full`` KL."""
+    gen = torch.Generator().manual_seed(0)
+    B, V, P, T = 5, 11, 3, 4
+    step = functools.partial(
+        step_tensors, pad_id=0, vocab_size=V, prompt_slots=P, max_new_tokens=T, kl_estimator=estimator
+    )  # fmt: skip
+    args = (
+        torch.tensor([4, 12, 2, 7, -1], device=DEVICE),  # 12 and -1 are outside [0, V)
+        torch.tensor([True, True, True, False, True], device=DEVICE),
+        torch.randint(0, V, (B, P + T), generator=gen).to(DEVICE),
+        torch.randint(0, 2, (B, P + T), generator=gen).to(DEVICE),
+        torch.tensor([0, 1, 3, 2, 4], device=DEVICE),  # row 4 is full: nothing is written
+        torch.tensor([2], device=DEVICE),  # row 2 takes the stop token
+        torch.randn(B, V, generator=gen).log_softmax(-1).to(DEVICE) if policy else None,
+        None if defer else torch.randn(B, V, generator=gen).to(DEVICE),
+        torch.randn(B, T, generator=gen).to(DEVICE) if defer else None,
+    )
+    eager = step(*args)
+    compiled = torch.compile(step, dynamic=False, fullgraph=True)(*args)
+    for name, a, b in zip(eager._fields, eager, compiled, strict=True):
+        if a is None:
+            assert b is None, name
+        else:
+            torch.testing.assert_close(a, b, equal_nan=True, msg=name)
+    assert eager.actions.tolist() == [4, 0, 2, 0, 0]
+    assert eager.report[3].tolist() == [0.0, 0.0, 1.0, 0.0, 1.0]  # the stop token; the full row
+    assert torch.equal(eager.gen_len, torch.tensor([1, 2, 4, 2, 4], device=DEVICE))
+
+
+def test_compiled_env_refuses_a_bad_action_and_changes_nothing():
+    env = make_toy_env(3, autoreset_mode="Disabled", decoding="compiled", device=DEVICE)
+    link = env.bind_policy(PolicyLink(toy_components(1)["model"].to(DEVICE), decoding="compiled"))
+    observation, _ = env.reset(seed=0)
+    gen = torch.Generator().manual_seed(0)
+    observation, *_ = env.step(link.sample(gen))
+    ids, mask = env.engine.ids.clone(), env.engine.mask.clone()
+    with pytest.raises(InvalidActionError, match="outside the action space"):
+        env.step(np.array([1, env.single_action_space.n, 2]))
+    assert torch.equal(env.engine.ids, ids) and torch.equal(env.engine.mask, mask)
+    again, *_ = env.step(link.sample(gen))  # still usable
+    assert (again["attention_mask"].sum(1) == observation["attention_mask"].sum(1) + 1).all()
