@@ -175,3 +175,24 @@ def test_compiled_env_refuses_a_bad_action_and_changes_nothing():
     assert torch.equal(env.engine.ids, ids) and torch.equal(env.engine.mask, mask)
     again, *_ = env.step(link.sample(gen))  # still usable
     assert (again["attention_mask"].sum(1) == observation["attention_mask"].sum(1) + 1).all()
+
+
+@needs_skip
+def test_a_callers_own_compiler_stance_is_kept(skipped_steps):
+    """Steps run under ``set_stance("force_eager")`` stay eager and are not counted as checked: after it, the
+    compiled step checks its guards again (and compiles) instead of failing on a missing variant."""
+    model = tiny_lm()
+    dynamic = IncrementalLM(model)
+    compiled = make_decoder(model, "compiled", guards_once_per_batch=True)
+    gen = torch.Generator().manual_seed(2)
+    prompts = sequences(gen, 3)
+    dynamic.start(prompts), compiled.start(prompts, reserve=8)
+    for t in range(6):
+        tokens = torch.randint(3, VOCAB, (3,), generator=gen)
+        if t < 3:
+            with torch.compiler.set_stance("force_eager"):
+                a, b = dynamic.step(tokens), compiled.step(tokens)
+        else:
+            a, b = dynamic.step(tokens), compiled.step(tokens)
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    assert len(skipped_steps) == 2  # steps 4 and 5: step 3 compiled and checked the window

@@ -41,7 +41,8 @@ tell its compiled variants apart (``torch.compiler.set_stance(skip_guard_eval_un
 textenv's agents (whose batches run from reset to end with no update in between) and the env's frozen
 reference do; a default `PolicyLink` does not, and checks every guard at every step. A change between
 batches (a hook, ``train()``, another autocast) is still seen at the next batch's first step; in-place
-weight updates are never guarded, so they need no check.
+weight updates are never guarded, so they need no check. Under a caller's own compiler stance
+(``set_stance("force_eager")`` while debugging, say) every step runs as that stance says.
 """
 
 from __future__ import annotations
@@ -134,6 +135,13 @@ def can_skip_guards() -> bool:
     """Whether this torch can skip guard evaluation (``set_stance(skip_guard_eval_unsafe=...)``, torch >= 2.7)."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance is not None and "skip_guard_eval_unsafe" in inspect.signature(set_stance).parameters
+
+
+def in_default_stance() -> bool:
+    """Whether ``torch.compile`` runs in its default stance, with no backend forced (read from dynamo's state:
+    torch has no public getter). Another stance is the caller's, for the guard skipping not to override."""
+    stance = getattr(getattr(torch._dynamo, "eval_frame", None), "_stance", None)
+    return getattr(stance, "stance", None) == "default" and getattr(stance, "backend", "unknown") is None
 
 
 def default_compile_mode(device: torch.device) -> str:
@@ -355,12 +363,16 @@ class StaticIncrementalLM(IncrementalLM):
         window = self._step_window()
         self._set_window(window)
         mask = self.cache_mask if window is None else self.cache_mask[:, :window]
-        if self.guards_once_per_batch and window in self._guarded_windows:
+        # A caller's own stance (force_eager while debugging, say) is left as it is, and what runs under it
+        # does not count as checked.
+        once = self.guards_once_per_batch and in_default_stance()
+        if once and window in self._guarded_windows:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 logits, hidden = self._decode(tokens, mask, positions)
         else:
             logits, hidden = self._decode(tokens, mask, positions)
-            self._guarded_windows.add(window)
+            if once:
+                self._guarded_windows.add(window)
         self.length += 1
         logits, hidden = logits.float(), None if hidden is None else hidden.float()
         if self._cuda_graphs:  # copies, not views: a CUDA-graph replay overwrites its outputs on the next step
