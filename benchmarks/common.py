@@ -113,7 +113,25 @@ def benchmark_parser(
             help="queue the policy's next forward when the agent asks for it, not at the end of the env's step "
             "(PolicyLink.prefetch): the order before, to compare",
         )  # fmt: skip
+        parser.add_argument(
+            "--guards-every-step", action="store_true",
+            help="with --decoding compiled, check the compiled steps' dynamo guards at every step, not once per "
+            "batch (textenv.static_decoding, 'Guards'): the cost before, to compare",
+        )  # fmt: skip
     return parser
+
+
+def apply_agent_options(agent, args) -> None:
+    """Set ``--no-prefetch`` and ``--guards-every-step`` on an agent's link and its env's reference decoder."""
+    agent.link.prefetch_forward = not args.no_prefetch
+    for decoder in (agent.link.decoder, agent.env.engine.reference):
+        if hasattr(decoder, "guards_once_per_batch"):  # a static decoder
+            decoder.guards_once_per_batch &= not args.guards_every_step
+
+
+def agent_options(args) -> str:
+    """``--no-prefetch`` and ``--guards-every-step`` as a benchmark header prints them."""
+    return f"prefetch={not args.no_prefetch} guards={'every step' if args.guards_every_step else 'once per batch'}"
 
 
 def parse_benchmark_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

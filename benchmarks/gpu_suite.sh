@@ -76,6 +76,9 @@ if want deferred; then
   done
   # the policy's forward queued when the agent asks (the order before PolicyLink.prefetch), at the host-bound batch
   run rollout_deferred python3 benchmarks/rollout.py $gpt2 --new 128 --batch 64 --decoding compiled --defer-kl --no-prefetch
+  # every guard checked at every step (before guards_once_per_batch): the guards' share of the host-bound step
+  run rollout_deferred python3 benchmarks/rollout.py $gpt2 --new 128 --batch 64 --decoding compiled --defer-kl \
+    --guards-every-step
 fi
 if want ppo_deferred; then
   run ppo_vs_trl_deferred python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 \

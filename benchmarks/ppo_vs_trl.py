@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from agents.ppo import PPOAgent, PPOConfig  # noqa: E402
 from agents.value_head import PolicyWithValueHead  # noqa: E402
 from benchmarks.common import (  # noqa: E402
+    agent_options,
+    apply_agent_options,
     benchmark_parser,
     build,
     parse_benchmark_args,
@@ -97,7 +99,7 @@ def run_textenv(models, prompts, args) -> tuple[float, float | None, dict]:
         PPOConfig(ppo_epochs=4, minibatch_size=minibatch, micro_batch_size=minibatch, bf16=args.bf16,
                   total_iterations=args.warmup + args.iterations, decoding=args.decoding, defer_kl=args.defer_kl),
     )  # fmt: skip
-    agent.link.prefetch_forward = not args.no_prefetch
+    apply_agent_options(agent, args)
     if args.decoding == "compiled":
         agent.rollout()  # compile the decode steps outside the timed iterations
     peak = PeakMemory(args.device, args.cpu_memory)
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     ours, ours_mem, split = run_textenv(models, prompts, args)
     print(f"shape={args.shape} batch={args.batch} minibatches={args.minibatches} prompt={args.prompt} new={args.new} "
           f"epochs=4 iterations={args.iterations} warmup={args.warmup} device={args.device} bf16={args.bf16} "
-          f"decoding={args.decoding} defer_kl={args.defer_kl} prefetch={not args.no_prefetch}")  # fmt: skip
+          f"decoding={args.decoding} defer_kl={args.defer_kl} {agent_options(args)}")  # fmt: skip
     print(f"TRL PPOTrainer : {trl:8.2f} episodes/s" + (f"  peak {trl_mem:.2f} GiB" if trl_mem is not None else ""))
     print(f"textenv PPO    : {ours:8.2f} episodes/s" + (f"  peak {ours_mem:.2f} GiB" if ours_mem is not None else "")
           + f"  (per iteration: rollout {split['rollout_seconds']:.3f} s, update {split['update_seconds']:.3f} s)")

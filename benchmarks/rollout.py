@@ -31,7 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from agents.ppo import PPOAgent, PPOConfig
 from agents.value_head import PolicyWithValueHead
-from benchmarks.common import benchmark_parser, build, parse_benchmark_args, random_prompts, timed_alternating
+from benchmarks.common import (
+    agent_options,
+    apply_agent_options,
+    benchmark_parser,
+    build,
+    parse_benchmark_args,
+    random_prompts,
+    timed_alternating,
+)
 from textenv.rewards import RewardModelScorer
 from textenv.vector_env import TextGenerationVectorEnv
 
@@ -46,7 +54,7 @@ def rollout_agent(models, prompts, args) -> PPOAgent:
     config = PPOConfig(minibatch_size=len(prompts), micro_batch_size=len(prompts), bf16=args.bf16, decoding=args.decoding,
                        defer_kl=args.defer_kl)  # fmt: skip
     agent = PPOAgent(policy, env, config)
-    agent.link.prefetch_forward = not args.no_prefetch
+    apply_agent_options(agent, args)
     return agent
 
 
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     hf_tps = args.batch * hf_steps / hf_time
     te_tps = args.batch * te_steps / te_time
     print(f"shape={args.shape} batch={args.batch} prompt={args.prompt} new={args.new} device={args.device} "
-          f"bf16={args.bf16} decoding={args.decoding} defer_kl={args.defer_kl} prefetch={not args.no_prefetch}")  # fmt: skip
+          f"bf16={args.bf16} decoding={args.decoding} defer_kl={args.defer_kl} {agent_options(args)}")  # fmt: skip
     print(f"HF generate       : {hf_tps:10.0f} tokens/s  ({hf_steps} steps in {hf_time:.3f} s)")
     print(f"textenv rollout   : {te_tps:10.0f} tokens/s  ({te_steps} steps in {te_time:.3f} s; + reference KL, value, RM)")
     print(f"ratio textenv/HF  : {te_tps / hf_tps:.2f}x")

@@ -20,7 +20,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from benchmarks.common import benchmark_parser, build, parse_benchmark_args, random_prompts, timed  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    agent_options,
+    benchmark_parser,
+    build,
+    parse_benchmark_args,
+    random_prompts,
+    timed,
+)
 from benchmarks.rollout import rollout_agent  # noqa: E402
 
 
@@ -41,11 +48,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     prompts = random_prompts(models["tokenizer"], args.batch, args.prompt)
     rows = []
     print(f"shape={args.shape} batch={args.batch} prompt={args.prompt} device={args.device} bf16={args.bf16} "
-          f"decoding={args.decoding} defer_kl={args.defer_kl} prefetch={not args.no_prefetch}")  # fmt: skip
+          f"decoding={args.decoding} defer_kl={args.defer_kl} {agent_options(args)}")  # fmt: skip
     print(f"{'new tokens':>10} {'textenv ms/step':>16} {'uncached ms/step':>17}")
     for new in lengths:
         settings = types.SimpleNamespace(prompt=args.prompt, new=new, bf16=args.bf16, decoding=args.decoding, defer_kl=args.defer_kl,
-                                         no_prefetch=args.no_prefetch)
+                                         no_prefetch=args.no_prefetch, guards_every_step=args.guards_every_step)  # fmt: skip
         agent = rollout_agent(models, prompts, settings)
         seconds, steps = timed(lambda a=agent: int((a.rollout().mask.sum(0) > 0).sum()), args.device, args.repeats)
         ids = models["tokenizer"](prompts, return_tensors="pt")["input_ids"].to(args.device)

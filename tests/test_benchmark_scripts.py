@@ -34,7 +34,8 @@ def run_tiny_textenv_side(decoding: str, cpu_memory: bool, defer_kl: bool = Fals
     models = build("tiny", 12, "cpu", torch.float32)
     prompts = random_prompts(models["tokenizer"], 4, 4)
     args = types.SimpleNamespace(batch=4, minibatches=2, prompt=4, new=8, iterations=1, device="cpu", bf16=False,
-                                 decoding=decoding, cpu_memory=cpu_memory, defer_kl=defer_kl, warmup=warmup, no_prefetch=False)  # fmt: skip
+                                 decoding=decoding, cpu_memory=cpu_memory, defer_kl=defer_kl, warmup=warmup, no_prefetch=False,
+                                 guards_every_step=False)  # fmt: skip
     return models, ppo_vs_trl.run_textenv(models, prompts, args)
 
 

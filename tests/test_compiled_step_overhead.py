@@ -2,9 +2,10 @@
 
 - `StaticIncrementalLM(guards_once_per_batch=True)` checks dynamo's guards in full once per batch and
   window size, then only those that tell the compiled variants apart: the outputs stay the dynamic cache's,
-  the cheap check is really used, and what changes between batches (a hook, the autocast) is still seen.
+  the cheap check is really used, what changes between batches (a module attribute, the autocast) is still
+  seen, an autocast change within a batch is checked again, and a graph break turns the skipping off.
 - `textenv.step_update.step_tensors`, the env step's device work, gives the same tensors compiled as eager,
-  and an env with compiled decoding still refuses a bad action without changing any row.
+  and an env with compiled decoding still refuses bad input without changing any row.
 
 The tests run on the CPU; ``TEXTENV_TEST_DEVICE=cuda`` runs them on a GPU (CUDA graphs; gpu_suite.sh).
 """
@@ -89,15 +90,16 @@ def test_guards_once_per_batch_keeps_the_numbers_and_skips_most_checks(skipped_s
 
 @needs_skip
 def test_a_change_between_batches_is_still_caught():
-    """A forward hook added between two batches, and an autocast that differs from the last batch's, change the
-    compiled step's outputs from the next batch on, as they change the eager step's."""
+    """A guarded module attribute changed between two batches, and an autocast that differs from the last
+    batch's, change the compiled step's outputs from the next batch on, as they change the eager step's. The
+    prompts keep one length, so no new buffer (which would force a recompile anyway) hides a missed change."""
     model = tiny_lm()
     eager = StaticIncrementalLM(model)
     compiled = make_decoder(model, "compiled", guards_once_per_batch=True)
     gen = torch.Generator().manual_seed(1)
 
     def batch(autocast: bool = False) -> None:
-        prompts = sequences(gen, 3)
+        prompts = [torch.randint(3, VOCAB, (5,), generator=gen) for _ in range(3)]
         eager.start(prompts, reserve=8), compiled.start(prompts, reserve=8)
         for _ in range(4):
             tokens = torch.randint(3, VOCAB, (3,), generator=gen)
@@ -107,11 +109,85 @@ def test_a_change_between_batches_is_still_caught():
             torch.testing.assert_close(a.logits, b.logits, atol=tol, rtol=tol)
 
     batch()
-    handle = model.lm_head.register_forward_hook(lambda module, args, out: out + 100.0)
-    batch()  # the compiled step sees the hook, or the logits would differ by 100
-    handle.remove()
+    capacity = compiled.capacity
+    attention = model.transformer.h[0].attn
+    attention.scaling *= 3.0  # a Python float the compiled graph baked in
+    batch()  # the compiled step sees the new scale, or its logits would be the old ones
+    attention.scaling /= 3.0
     batch(autocast=True)
     batch()
+    assert compiled.capacity == capacity
+
+
+@needs_skip
+@pytest.mark.parametrize("restore", [False, True])
+def test_an_autocast_change_within_a_batch_is_checked_again(skipped_steps, restore):
+    """The env's reference steps in whatever autocast surrounds ``env.step``: a change within a batch (and back)
+    gets a full check, not a stale variant or a failed recompile, and the cheap check resumes after it."""
+    model = tiny_lm()
+    eager = StaticIncrementalLM(model)
+    compiled = make_decoder(model, "compiled", guards_once_per_batch=True)
+    gen = torch.Generator().manual_seed(3)
+    prompts = sequences(gen, 3)
+    eager.start(prompts, reserve=8), compiled.start(prompts, reserve=8)
+    autocast = [False, False, True, True, True] + ([False, False] if restore else [])
+    for t, enabled in enumerate(autocast):
+        tokens = torch.randint(3, VOCAB, (3,), generator=gen)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=enabled):
+            a, b = eager.step(tokens), compiled.step(tokens)
+        tol = 3e-2 if any(autocast[: t + 1]) else 1e-5  # bf16 keys stay in the cache after the autocast ends
+        torch.testing.assert_close(a.logits, b.logits, atol=tol, rtol=tol)
+    assert len(skipped_steps) == len(autocast) - (3 if restore else 2)  # full checks at each change
+
+
+@needs_skip
+def test_a_graph_break_turns_the_skipping_off():
+    """After a graph break the later frames' code is not this decoder's own, so skipped guards could pick another
+    decoder's variant: such a decoder warns and checks every guard, with the same numbers."""
+
+    class BreakingHead(torch.nn.Module):
+        def __init__(self, head: torch.nn.Module) -> None:
+            super().__init__()
+            self.head = head
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            torch._dynamo.graph_break()
+            return self.head(hidden)
+
+    model = tiny_lm()
+    dynamic = IncrementalLM(model)
+    compiled = make_decoder(model, "compiled", guards_once_per_batch=True)
+    model.lm_head = BreakingHead(model.lm_head)
+    gen = torch.Generator().manual_seed(4)
+    prompts = sequences(gen, 3)
+    dynamic.start(prompts), compiled.start(prompts, reserve=8)
+    with pytest.warns(UserWarning, match="graph break"):
+        for _ in range(4):
+            tokens = torch.randint(3, VOCAB, (3,), generator=gen)
+            torch.testing.assert_close(dynamic.step(tokens).logits, compiled.step(tokens).logits, atol=1e-5, rtol=1e-5)
+    assert not compiled.guards_once_per_batch
+
+
+def test_a_failed_step_appends_nothing():
+    """A decode forward that raises leaves the decoder as it was: the next step gives the dynamic cache's numbers."""
+    model = tiny_lm()
+    dynamic, static = IncrementalLM(model), StaticIncrementalLM(model)
+    gen = torch.Generator().manual_seed(5)
+    prompts = sequences(gen, 3)
+    dynamic.start(prompts), static.start(prompts, reserve=8)
+    decode = static._decode
+
+    def failing(*inputs):
+        raise RuntimeError("out of memory")
+
+    static._decode = failing
+    with pytest.raises(RuntimeError, match="out of memory"):
+        static.step(torch.tensor([4, 5, 6]))
+    static._decode = decode
+    assert static.forward_calls == 1 and static.length == len(max(prompts, key=len))
+    for _ in range(3):
+        tokens = torch.randint(3, VOCAB, (3,), generator=gen)
+        torch.testing.assert_close(dynamic.step(tokens).logits, static.step(tokens).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_the_flag_is_set_where_batches_run_unchanged():
@@ -145,7 +221,7 @@ def test_step_tensors_compiled_equals_eager(estimator, policy, defer):
         torch.tensor([True, True, True, False, True], device=DEVICE),
         torch.randint(0, V, (B, P + T), generator=gen).to(DEVICE),
         torch.randint(0, 2, (B, P + T), generator=gen).to(DEVICE),
-        torch.tensor([0, 1, 3, 2, 4], device=DEVICE),  # row 4 is full: nothing is written
+        torch.tensor([0, 1, 1, 2, 4], device=DEVICE),  # row 4 is full: nothing is written
         torch.tensor([2], device=DEVICE),  # row 2 takes the stop token
         torch.randn(B, V, generator=gen).log_softmax(-1).to(DEVICE) if policy else None,
         None if defer else torch.randn(B, V, generator=gen).to(DEVICE),
@@ -159,22 +235,50 @@ def test_step_tensors_compiled_equals_eager(estimator, policy, defer):
         else:
             torch.testing.assert_close(a, b, equal_nan=True, msg=name)
     assert eager.actions.tolist() == [4, 0, 2, 0, 0]
-    assert eager.report[3].tolist() == [0.0, 0.0, 1.0, 0.0, 1.0]  # the stop token; the full row
-    assert torch.equal(eager.gen_len, torch.tensor([1, 2, 4, 2, 4], device=DEVICE))
+    assert eager.report[3].tolist() == [0.0, 0.0, 1.0, 0.0, 1.0]  # the stop token (2 of 4 tokens); the full row
+    assert torch.equal(eager.gen_len, torch.tensor([1, 2, 2, 2, 4], device=DEVICE))
 
 
-def test_compiled_env_refuses_a_bad_action_and_changes_nothing():
-    env = make_toy_env(3, autoreset_mode="Disabled", decoding="compiled", device=DEVICE)
-    link = env.bind_policy(PolicyLink(toy_components(1)["model"].to(DEVICE), decoding="compiled"))
-    observation, _ = env.reset(seed=0)
-    gen = torch.Generator().manual_seed(0)
-    observation, *_ = env.step(link.sample(gen))
-    ids, mask = env.engine.ids.clone(), env.engine.mask.clone()
-    with pytest.raises(InvalidActionError, match="outside the action space"):
-        env.step(np.array([1, env.single_action_space.n, 2]))
-    assert torch.equal(env.engine.ids, ids) and torch.equal(env.engine.mask, mask)
-    again, *_ = env.step(link.sample(gen))  # still usable
-    assert (again["attention_mask"].sum(1) == observation["attention_mask"].sum(1) + 1).all()
+@pytest.mark.parametrize("defer_kl", [False, True])
+def test_compiled_env_refuses_bad_input_and_changes_nothing(defer_kl):
+    """An out-of-range action, and a provided distribution of the wrong shape, raise a clear error; the batch
+    then goes on exactly as one that never saw them (observations, rewards, log-probs, KL)."""
+
+    def run(bad: bool) -> list[dict]:
+        env = make_toy_env(3, autoreset_mode="Disabled", decoding="compiled", device=DEVICE)
+        link = env.bind_policy(PolicyLink(toy_components(1)["model"].to(DEVICE), decoding="compiled"))
+        env.reset(seed=0, options={"defer_kl": defer_kl})
+        gen = torch.Generator().manual_seed(0)
+        records = []
+        for t in range(env.engine.max_new_tokens):
+            if bad and t == 2:
+                engine = env.engine
+                before = [x.clone() for x in (engine.ids, engine.mask, engine.gen_len)]
+                token_logprob = None if engine._token_logprob is None else engine._token_logprob.clone()
+                with pytest.raises(InvalidActionError, match="outside the action space"):
+                    env.step(np.array([1, env.single_action_space.n, 2]))
+                distribution = link.logprobs()
+                link.provide(distribution[:, :-1])  # one column short
+                with pytest.raises(ValueError, match="distribution has shape"):
+                    env.step(np.array([1, 1, 1]))
+                link.provide(distribution)
+                assert all(torch.equal(a, b) for a, b in zip(before, (engine.ids, engine.mask, engine.gen_len), strict=True))
+                if token_logprob is not None:
+                    torch.testing.assert_close(engine._token_logprob, token_logprob, equal_nan=True)
+            observation, rewards, terminated, _, info = env.step(link.sample(gen))
+            records.append({"ids": observation["input_ids"], "rewards": rewards, "logprob": info["logprob"],
+                            **({"kl": info["kl"]} if not defer_kl else {}),
+                            **({"token_reward": info["token_reward"]} if "token_reward" in info else {})})  # fmt: skip
+            if terminated.all():
+                break
+        return records
+
+    clean, disturbed = run(bad=False), run(bad=True)
+    assert len(clean) == len(disturbed) > 3
+    for a, b in zip(clean, disturbed, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], atol=1e-6, equal_nan=True, err_msg=key)
 
 
 @needs_skip

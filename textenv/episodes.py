@@ -13,7 +13,6 @@ generated tokens follow; the rest is padding with attention mask 0.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from textenv.compile_cache import own_code_copy
 from textenv.errors import InvalidActionError
 from textenv.host_transfer import index_on, to_device, to_host
 from textenv.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
@@ -141,18 +141,24 @@ class EpisodeBatch:
         self.record_history = record_history
         self.device = model_device(ref_model)
         self.decoding = decoding
-        # The env owns its frozen reference (eval mode, no gradients): nothing its compiled step's guards cover
-        # changes within a batch, so they are checked in full once per batch (`textenv.static_decoding`).
+        # The reference is frozen (eval mode, no gradients) and only the env steps it, so nothing its compiled
+        # step's guards cover changes within a batch: they are checked in full once per batch
+        # (`textenv.static_decoding`, "Guards"). A caller that trains or toggles this very model between steps
+        # (stable-baselines3 with `LMPolicy(copy_model=False)` on it) must restore it before the next step.
         self.reference = make_decoder(ref_model, decoding, pad_token_id=self.pad_id, guards_once_per_batch=True)
         self.policy: PolicyLink | None = None
         self._stop = torch.tensor(self.stop_ids, device=self.device)
-        step = functools.partial(
-            step_tensors, pad_id=self.pad_id, vocab_size=self.vocab_size, prompt_slots=max_prompt_tokens,
+        self._step_constants = dict(
+            pad_id=self.pad_id, vocab_size=self.vocab_size, prompt_slots=max_prompt_tokens,
             max_new_tokens=max_new_tokens, kl_estimator=kl_estimator,
         )  # fmt: skip
         # With compiled decoding the step's device work is compiled too: a few fused kernels instead of ~30
-        # launches per step (`textenv.step_update`).
-        self._step_tensors = torch.compile(step, dynamic=False, fullgraph=True) if decoding == "compiled" else step
+        # launches per step (`textenv.step_update`), in a dynamo cache of this env's own (`textenv.compile_cache`).
+        self._step_tensors = (
+            torch.compile(own_code_copy(step_tensors), dynamic=False, fullgraph=True)
+            if decoding == "compiled"
+            else step_tensors
+        )
 
         B, L = num_rows, self.length
         self.ids = torch.full((B, L), self.pad_id, dtype=torch.long, device=self.device)
@@ -296,14 +302,18 @@ class EpisodeBatch:
         policy_logprobs = None
         if self.policy is not None:
             policy_logprobs = self.policy.logprobs()
-            if policy_logprobs.shape[0] != B:
-                raise ValueError(f"the policy's distribution has {policy_logprobs.shape[0]} rows but the env stepped {B}")
+            if tuple(policy_logprobs.shape) != (B, V):  # checked here: a compiled lookup would not say why
+                raise ValueError(
+                    f"the policy's distribution has shape {tuple(policy_logprobs.shape)}, but the env steps {B} rows "
+                    f"over an action space of {V}"
+                )
             policy_logprobs = policy_logprobs.to(self.device)
         if not self.defer_kl:
             assert self._ref_logits is not None
         new = self._step_tensors(
             raw, active_t, self.ids, self.mask, self.gen_len, self._stop, policy_logprobs,
             None if self.defer_kl else self._ref_logits, self._token_logprob if self.defer_kl else None,
+            **self._step_constants,
         )  # fmt: skip
         beta = float(self.kl_controller.value)
 
@@ -313,7 +323,8 @@ class EpisodeBatch:
         if low < 0 or high >= V:
             raise InvalidActionError(f"action {low if low < 0 else high} is outside the action space [0, {V})")
         self.ids, self.mask, self.gen_len = new.ids, new.mask, new.gen_len
-        self._token_logprob = new.token_logprob if self.defer_kl else self._token_logprob
+        if self.defer_kl:
+            self._token_logprob = new.token_logprob
         self._host_observation = (ids_np, mask_np)
         host = host.astype(np.float64)
         lp_np, ref_np, kl_np, term_np = host[0], host[1], host[2], host[3].astype(bool)

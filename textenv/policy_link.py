@@ -49,9 +49,9 @@ class PolicyLink:
         forward. textenv's PPO and policy-gradient agents set it (their batches run to the end unchanged).
     :param guards_once_per_batch: with ``compiled`` decoding, check the compiled step's dynamo guards in full
         only once per batch and window size (`textenv.static_decoding`, "Guards"). The same kind of promise as
-        ``prefetch``: nothing the guards cover (the model's ``training`` flags, hooks or attributes) changes
-        within a batch. In-place weight updates are not covered by guards and stay safe. The agents that set
-        ``prefetch`` set this too.
+        ``prefetch``: no module attribute of the model (``training`` flags and the like) changes within a
+        batch. In-place weight updates are not guarded and stay safe. The agents that set ``prefetch`` set
+        this too; ``link.decoder.guards_once_per_batch = False`` turns it off.
     """
 
     def __init__(
@@ -142,15 +142,6 @@ class PolicyLink:
             hidden[index] = new.hidden
         self._current = StepOutput(logits, hidden)
         self._logprobs = None
-
-    def action_logprobs(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(log π(a), whole distribution)`` for the actions taken at the current state."""
-        logprobs = self.logprobs()
-        if logprobs.shape[0] != actions.shape[0]:
-            raise ValueError(
-                f"the policy's distribution has {logprobs.shape[0]} rows but the env stepped {actions.shape[0]}"
-            )
-        return logprobs.gather(-1, actions.view(-1, 1).to(logprobs.device)).squeeze(-1), logprobs
 
     def advance(self, actions: torch.Tensor) -> None:
         """The env took these actions: the next request runs one cached forward with them."""

@@ -30,32 +30,45 @@ forward; with every shape fixed, ``mode="reduce-overhead"`` replays the whole st
 model and shape once, so it pays for long runs and benchmarks, not for a single short episode.
 
 Guards. Before every call of a compiled function, dynamo checks that what it assumed when compiling still
-holds: each parameter's and buffer's shape and dtype, every module's ``training`` flag and hooks, the
-autocast and grad mode. For a 12-block model that is hundreds of checks: 0.10-0.15 ms per call on this
-project's CPU (`benchmarks/components.py --shape host`), 0.2 ms in a rollout, where two decoders take
-turns. On a GPU at batch 64 a GPT-2-small step is bound by such host work, not by its arithmetic, so the
-whole step waits for it. With ``guards_once_per_batch`` a decoder checks them in full at the first step of
-each window size after each `start` or `replace_rows`, and for the rest of the batch only the guards that
-tell its compiled variants apart (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, torch >=
-2.7). That is sound when nothing the guards cover changes within a batch, which the caller promises:
-textenv's agents (whose batches run from reset to end with no update in between) and the env's frozen
-reference do; a default `PolicyLink` does not, and checks every guard at every step. A change between
-batches (a hook, ``train()``, another autocast) is still seen at the next batch's first step; in-place
-weight updates are never guarded, so they need no check. Under a caller's own compiler stance
-(``set_stance("force_eager")`` while debugging, say) every step runs as that stance says.
+holds: each parameter's and buffer's shape and dtype, every module's ``training`` flag and the other
+attributes the forward read, the autocast and grad mode. (Not forward hooks: dynamo skips those guards by
+default, so a compiled step never sees a hook added after it compiled.) For a 12-block model that is
+hundreds of checks: 0.10-0.15 ms per call on this project's CPU (`benchmarks/components.py --shape host`).
+Where a step's time is the host's, as we expect of a GPT-2-small step at batch 64 on a GPU, the whole step
+waits for them. With ``guards_once_per_batch`` a decoder checks them in full at the first step of each
+window size after each `start` or `replace_rows`, and for the rest of the batch only the guards that tell
+its compiled variants apart (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, torch >= 2.7).
+
+That is sound when no module attribute changes within a batch, which the caller promises: textenv's
+agents (whose batches run from reset to end with no update in between) and the env's frozen reference do;
+a default `PolicyLink` does not, and checks every guard at every step. What the promise does not cover is
+still checked:
+- a change between batches (``train()``, an attribute) is seen at the next batch's first step;
+- the global state (autocast, grad mode) is compared at every step with the one the checks were made in
+  (dynamo's own ``GlobalStateGuard``, under a microsecond), and a change means a full check again: the
+  env's reference steps in whatever autocast surrounds ``env.step``;
+- in-place weight updates are never guarded, so they need no check;
+- under a caller's own compiler stance (``set_stance("force_eager")`` while debugging, say) every step runs
+  as that stance says;
+- skipping is only sound within one compiled graph (after a graph break the later frames' code is shared
+  with other decoders), so such a decoder compiles with ``fullgraph=True``, and a graph break turns the
+  skipping off for it, with a warning.
+A module attribute changed within a batch (``train()`` between two steps) is not seen until the next batch.
+With NextStep autoreset every restart (`replace_rows`) starts the checks over, so little is saved there.
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
 import types
+import warnings
 from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
+from textenv.compile_cache import own_code_copy
 from textenv.host_transfer import index_on
 from textenv.incremental import DEFAULT_RESERVE, IncrementalLM, StepOutput
 from textenv.models import pad_left_to, position_ids_from_mask
@@ -128,13 +141,17 @@ RECOMPILE_LIMIT = 128
 runs it eagerly. Capacities only grow within a decoder and windows are one per doubling, so a run reaches a
 few tens at most."""
 
-_DECODER_IDS = itertools.count()
-
 
 def can_skip_guards() -> bool:
-    """Whether this torch can skip guard evaluation (``set_stance(skip_guard_eval_unsafe=...)``, torch >= 2.7)."""
+    """Whether this torch can skip guard evaluation (``set_stance(skip_guard_eval_unsafe=...)``, torch >= 2.7)
+    and check dynamo's global-state guard on its own (``GlobalStateGuard``)."""
     set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance is not None and "skip_guard_eval_unsafe" in inspect.signature(set_stance).parameters
+    return (
+        set_stance is not None
+        and "skip_guard_eval_unsafe" in inspect.signature(set_stance).parameters
+        and hasattr(getattr(torch._C, "_dynamo", None), "guards")
+        and hasattr(torch._C._dynamo.guards, "GlobalStateGuard")
+    )
 
 
 def in_default_stance() -> bool:
@@ -194,9 +211,10 @@ class StaticIncrementalLM(IncrementalLM):
         self._cuda_graphs = compile and self.compile_mode in ("reduce-overhead", "max-autotune")
         self.cache: StaticCache | None = None  # type: ignore[assignment]
         self.length = 0  # the column the next token is written to (= columns in use)
-        self._decode = self._compiled_decode() if compile else self._eager_decode
         self.guards_once_per_batch = guards_once_per_batch and compile and can_skip_guards()
         self._guarded_windows: set[int | None] = set()  # window sizes whose guards were checked in this batch
+        self._global_state = None  # dynamo's check of the global state those checks were made in
+        self._decode = self._compiled_decode(fullgraph=self.guards_once_per_batch) if compile else self._eager_decode
         self.compactions = 0  # in-place shifts when the buffer filled (counted for tests)
 
     @property
@@ -212,26 +230,52 @@ class StaticIncrementalLM(IncrementalLM):
         hidden = out.hidden_states[-1][:, -1] if self.output_hidden_states else None
         return out.logits[:, -1], hidden
 
-    def _compiled_decode(self, guard_filter_fn=None):
-        """The decode forward compiled for this decoder alone; ``guard_filter_fn`` (torch.compile's option)
-        drops some of dynamo's guards, which `benchmarks/components.py` measures; rollouts never pass it."""
-        # Dynamo keeps its compiled graphs, and checks their guards on every call, per *code object*. Were
-        # every decoder to compile the same method, a reference decoder's call could first evaluate (and
-        # fail) the policy's guards, and the shared cache would reach `recompile_limit` (8 variants) after a
-        # few models and shapes, then silently run eagerly. A copy of the method's code per decoder gives
-        # each decoder its own cache and its own limit.
-        code = StaticIncrementalLM._eager_decode.__code__
-        own_code = code.replace(co_name=f"{code.co_name}_{next(_DECODER_IDS)}")
-        decode = types.MethodType(types.FunctionType(own_code, globals(), own_code.co_name), self)
+    def _compiled_decode(self, guard_filter_fn=None, fullgraph: bool = False):
+        """The decode forward compiled for this decoder alone (`textenv.compile_cache`); ``guard_filter_fn``
+        (torch.compile's option) drops some of dynamo's guards, which `benchmarks/components.py` measures;
+        rollouts never pass it."""
+        decode = types.MethodType(own_code_copy(StaticIncrementalLM._eager_decode), self)
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-        # Not fullgraph: like transformers' own CompileConfig, a graph break costs speed, not the run
-        # (TORCH_LOGS=graph_breaks,recompiles shows them; benchmarks/gpu_suite.sh sets it).
+        # Not fullgraph unless guards are checked once per batch: like transformers' own CompileConfig, a graph
+        # break then costs speed, not the run (TORCH_LOGS=graph_breaks,recompiles shows them;
+        # benchmarks/gpu_suite.sh sets it).
         if guard_filter_fn is None:
-            return torch.compile(decode, mode=self.compile_mode, dynamic=False)
+            return torch.compile(decode, mode=self.compile_mode, dynamic=False, fullgraph=fullgraph)
         # torch.compile takes a mode or options, not both: the mode's own options, plus the filter.
         options = {**torch._inductor.list_mode_options(self.compile_mode), "guard_filter_fn": guard_filter_fn}
-        return torch.compile(decode, dynamic=False, options=options)
+        return torch.compile(decode, dynamic=False, fullgraph=fullgraph, options=options)
+
+    def _checked_decode(self, window: int | None, *inputs: torch.Tensor):
+        """The decode forward with dynamo's guards checked in full, or (``guards_once_per_batch``) only those that
+        tell the compiled variants apart once this window size was checked in this batch and the global state
+        (autocast, grad mode, ...) is the one it was checked in.
+
+        Skipping is only sound in one compiled graph: after a graph break the later frames' code is shared with
+        other decoders, whose variants differ in ways skipped guards would not tell apart. So this decoder
+        compiles with ``fullgraph=True``, and a graph break turns the skipping off for it (with a warning).
+        """
+        if not (self.guards_once_per_batch and in_default_stance()):
+            return self._decode(*inputs)  # a caller's own stance (force_eager, say) is left as it is
+        if window in self._guarded_windows and self._global_state is not None and self._global_state.check():
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self._decode(*inputs)
+        try:
+            out = self._decode(*inputs)
+        except torch._dynamo.exc.Unsupported as error:  # a graph break
+            warnings.warn(
+                f"the compiled decode step of {type(self.model).__name__} has a graph break ({error}); its guards "
+                "are checked at every step instead of once per batch",
+                stacklevel=3,
+            )
+            self.guards_once_per_batch = False
+            self._decode = self._compiled_decode()
+            return self._decode(*inputs)
+        if self._global_state is None or not self._global_state.check():
+            self._guarded_windows.clear()  # checked in other global state: those checks no longer hold
+            self._global_state = torch._C._dynamo.guards.GlobalStateGuard()
+        self._guarded_windows.add(window)
+        return out
 
     # ------------------------------------------------------------------------------- cache buffers
     def _new_cache(self, batch: int, capacity: int) -> None:
@@ -355,24 +399,19 @@ class StaticIncrementalLM(IncrementalLM):
         self._ensure_room(1)
         tokens = tokens.to(self.cache_mask.device).long().view(-1, 1)
         positions = self.cache_mask.sum(-1, keepdim=True)
-        self.cache_mask[:, self.length] = 1
-        self.forward_calls += 1
-        self.tokens_processed += tokens.numel()
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
         window = self._step_window()
         self._set_window(window)
         mask = self.cache_mask if window is None else self.cache_mask[:, :window]
-        # A caller's own stance (force_eager while debugging, say) is left as it is, and what runs under it
-        # does not count as checked.
-        once = self.guards_once_per_batch and in_default_stance()
-        if once and window in self._guarded_windows:
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                logits, hidden = self._decode(tokens, mask, positions)
-        else:
-            logits, hidden = self._decode(tokens, mask, positions)
-            if once:
-                self._guarded_windows.add(window)
+        self.cache_mask[:, self.length] = 1
+        try:
+            logits, hidden = self._checked_decode(window, tokens, mask, positions)
+        except BaseException:
+            self.cache_mask[:, self.length] = 0  # a failed step appends nothing: the decoder stays usable
+            raise
+        self.forward_calls += 1
+        self.tokens_processed += tokens.numel()
         self.length += 1
         logits, hidden = logits.float(), None if hidden is None else hidden.float()
         if self._cuda_graphs:  # copies, not views: a CUDA-graph replay overwrites its outputs on the next step

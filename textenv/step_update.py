@@ -71,9 +71,10 @@ def step_tensors(
     else:
         ref_all = torch.log_softmax(ref_logits, dim=-1)
         ref_lp = ref_all.gather(-1, actions.view(-1, 1)).squeeze(-1)
-        if policy_logprobs is None and kl_estimator == "full":
-            policy_logprobs = torch.full_like(ref_all, -math.log(vocab_size))
-        kl = kl_penalty(lp, ref_lp, kl_estimator, policy_logprobs, ref_all if policy_logprobs is not None else None)
+        pol_all = policy_logprobs
+        if pol_all is None and kl_estimator == "full":  # the uniform policy's whole distribution
+            pol_all = torch.full_like(ref_all, -math.log(vocab_size))
+        kl = kl_penalty(lp, ref_lp, kl_estimator, pol_all, ref_all if pol_all is not None else None)
         kl = torch.where(active, kl, 0.0)
 
     # Append and decide termination (EOS / stop token / length budget: all terminal). A scatter, not a
