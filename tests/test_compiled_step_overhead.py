@@ -10,6 +10,7 @@
 The tests run on the CPU; ``TEXTENV_TEST_DEVICE=cuda`` runs them on a GPU (CUDA graphs; gpu_suite.sh).
 """
 
+import contextlib
 import functools
 import os
 
@@ -161,7 +162,7 @@ def test_a_graph_break_turns_the_skipping_off():
     gen = torch.Generator().manual_seed(4)
     prompts = sequences(gen, 3)
     dynamic.start(prompts), compiled.start(prompts, reserve=8)
-    with pytest.warns(UserWarning, match="graph break"):
+    with pytest.warns(UserWarning, match="cannot be one graph"):
         for _ in range(4):
             tokens = torch.randint(3, VOCAB, (3,), generator=gen)
             torch.testing.assert_close(dynamic.step(tokens).logits, compiled.step(tokens).logits, atol=1e-5, rtol=1e-5)
@@ -169,21 +170,21 @@ def test_a_graph_break_turns_the_skipping_off():
 
 
 def test_a_failed_step_appends_nothing():
-    """A decode forward that raises leaves the decoder as it was: the next step gives the dynamic cache's numbers."""
+    """A decode forward that raises in its second block (after the first has written its keys) leaves the decoder
+    as it was: the next steps give the dynamic cache's numbers."""
     model = tiny_lm()
     dynamic, static = IncrementalLM(model), StaticIncrementalLM(model)
     gen = torch.Generator().manual_seed(5)
     prompts = sequences(gen, 3)
     dynamic.start(prompts), static.start(prompts, reserve=8)
-    decode = static._decode
 
-    def failing(*inputs):
+    def failing(module, args, kwargs):
         raise RuntimeError("out of memory")
 
-    static._decode = failing
+    handle = model.transformer.h[1].register_forward_pre_hook(failing, with_kwargs=True)
     with pytest.raises(RuntimeError, match="out of memory"):
         static.step(torch.tensor([4, 5, 6]))
-    static._decode = decode
+    handle.remove()
     assert static.forward_calls == 1 and static.length == len(max(prompts, key=len))
     for _ in range(3):
         tokens = torch.randint(3, VOCAB, (3,), generator=gen)
@@ -300,3 +301,87 @@ def test_a_callers_own_compiler_stance_is_kept(skipped_steps):
             a, b = dynamic.step(tokens), compiled.step(tokens)
         torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
     assert len(skipped_steps) == 2  # steps 4 and 5: step 3 compiled and checked the window
+
+
+@needs_skip
+def test_a_sliding_window_cache_checks_every_guard(skipped_steps):
+    """A sliding-window cache layer keeps a Python counter that changes every step, which only the full check
+    sees: such a decoder never skips, and keeps the dynamic cache's numbers."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    config = MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, sliding_window=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
+    dynamic = IncrementalLM(model)
+    compiled = make_decoder(model, "compiled", guards_once_per_batch=True)
+    gen = torch.Generator().manual_seed(6)
+    prompts = sequences(gen, 2)
+    dynamic.start(prompts), compiled.start(prompts, reserve=24)
+    for _ in range(12):
+        tokens = torch.randint(3, VOCAB, (2,), generator=gen)
+        torch.testing.assert_close(dynamic.step(tokens).logits, compiled.step(tokens).logits, atol=1e-5, rtol=1e-5)
+    assert skipped_steps == []
+
+
+@needs_skip
+def test_what_fullgraph_refuses_falls_back_on_every_path(monkeypatch):
+    """A graph break after the skipping was turned off (as ``--guards-every-step`` does), and reaching the
+    recompile limit, which ``fullgraph`` makes an error: both warn and go on with the usual compile."""
+    import textenv.static_decoding as static_decoding
+
+    model = tiny_lm()
+    dynamic = IncrementalLM(model)
+    gen = torch.Generator().manual_seed(7)
+
+    off = make_decoder(model, "compiled", guards_once_per_batch=True)
+    off.guards_once_per_batch = False
+    calls = 0
+
+    def breaking(module, args):
+        nonlocal calls
+        calls += 1
+        torch._dynamo.graph_break()
+
+    handle = model.lm_head.register_forward_pre_hook(breaking)
+    prompts = sequences(gen, 2)
+    dynamic.start(prompts), off.start(prompts, reserve=8)
+    with pytest.warns(UserWarning, match="cannot be one graph"):
+        tokens = torch.randint(3, VOCAB, (2,), generator=gen)
+        torch.testing.assert_close(dynamic.step(tokens).logits, off.step(tokens).logits, atol=1e-5, rtol=1e-5)
+    handle.remove()
+
+    monkeypatch.setattr(static_decoding, "RECOMPILE_LIMIT", 2)
+    with torch._dynamo.config.patch(recompile_limit=2), pytest.warns(UserWarning, match="FailOnRecompileLimitHit"):
+        limited = make_decoder(model, "compiled", guards_once_per_batch=True)
+        for length in range(1, 5):  # a new capacity, so a new variant, per batch
+            prompts = [torch.randint(3, VOCAB, (length,), generator=gen) for _ in range(2)]
+            dynamic.start(prompts), limited.start(prompts, reserve=8)
+            tokens = torch.randint(3, VOCAB, (2,), generator=gen)
+            torch.testing.assert_close(dynamic.step(tokens).logits, limited.step(tokens).logits, atol=1e-5, rtol=1e-5)
+    assert not limited.guards_once_per_batch
+
+
+@needs_skip
+def test_state_no_per_step_check_covers_gets_a_full_check():
+    """``inference_mode`` or a ``TorchFunctionMode`` around a step of a batch is not in the global-state check:
+    the skipped check refuses it, and the step is checked in full instead of failing."""
+    from torch.overrides import TorchFunctionMode
+
+    class Passing(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_lm()
+    eager = StaticIncrementalLM(model)
+    compiled = make_decoder(model, "compiled", guards_once_per_batch=True)
+    gen = torch.Generator().manual_seed(8)
+    prompts = sequences(gen, 2)
+    eager.start(prompts), compiled.start(prompts, reserve=8)
+    for context in (contextlib.nullcontext, contextlib.nullcontext, torch.inference_mode, Passing, contextlib.nullcontext):
+        tokens = torch.randint(3, VOCAB, (2,), generator=gen)
+        with context():
+            a, b = eager.step(tokens), compiled.step(tokens)
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)

@@ -23,5 +23,5 @@ def own_code_copy(function: Callable[..., Any]) -> types.FunctionType:
     code = function.__code__
     own = code.replace(co_name=f"{code.co_name}_{next(_COPIES)}")
     copy = types.FunctionType(own, function.__globals__, own.co_name, function.__defaults__, function.__closure__)
-    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__kwdefaults__ = None if function.__kwdefaults__ is None else dict(function.__kwdefaults__)
     return copy

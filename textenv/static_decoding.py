@@ -46,13 +46,17 @@ still checked:
 - a change between batches (``train()``, an attribute) is seen at the next batch's first step;
 - the global state (autocast, grad mode) is compared at every step with the one the checks were made in
   (dynamo's own ``GlobalStateGuard``, under a microsecond), and a change means a full check again: the
-  env's reference steps in whatever autocast surrounds ``env.step``;
+  env's reference steps in whatever autocast surrounds ``env.step``. Other context that check does not
+  cover (``inference_mode``, a ``TorchFunctionMode``) makes the skipped check refuse the call before it
+  runs anything, and the step is then checked in full;
+- a cache with other layer types (a sliding window, whose layers count steps in Python) never skips;
 - in-place weight updates are never guarded, so they need no check;
 - under a caller's own compiler stance (``set_stance("force_eager")`` while debugging, say) every step runs
   as that stance says;
 - skipping is only sound within one compiled graph (after a graph break the later frames' code is shared
-  with other decoders), so such a decoder compiles with ``fullgraph=True``, and a graph break turns the
-  skipping off for it, with a warning.
+  with other decoders), so such a decoder compiles with ``fullgraph=True``; what that refuses (a graph
+  break, data-dependent control flow, `RECOMPILE_LIMIT` variants) turns it back to the usual compile, with
+  a warning, and the skipping off.
 A module attribute changed within a batch (``train()`` between two steps) is not seen until the next batch.
 With NextStep autoreset every restart (`replace_rows`) starts the checks over, so little is saved there.
 """
@@ -138,8 +142,17 @@ def default_max_window_fraction(device: torch.device) -> float:
 
 RECOMPILE_LIMIT = 128
 """Compiled variants (batch × cache capacity × attention window × autocast) one decoder keeps before dynamo
-runs it eagerly. Capacities only grow within a decoder and windows are one per doubling, so a run reaches a
+runs it eagerly (a ``guards_once_per_batch`` decoder, compiled with ``fullgraph``, first falls back to the
+usual compile). Capacities only grow within a decoder and windows are one per doubling, so a run reaches a
 few tens at most."""
+
+
+_FULLGRAPH_REFUSALS = tuple(
+    getattr(torch._dynamo.exc, name)
+    for name in ("Unsupported", "UserError", "UncapturedHigherOrderOpError", "FailOnRecompileLimitHit")
+    if hasattr(torch._dynamo.exc, name)
+)
+"""What ``fullgraph=True`` raises where the usual compile would break the graph or run eagerly."""
 
 
 def can_skip_guards() -> bool:
@@ -180,8 +193,8 @@ class StaticIncrementalLM(IncrementalLM):
         the whole buffer; default `default_max_window_fraction` of the model's device.
     :param guards_once_per_batch: with ``compile``, check the compiled step's guards in full only at the first
         step of each window size after each `start` or `replace_rows` (see "Guards" in the module docstring).
-        Only for callers that change nothing the guards cover (the modules' ``training`` flags, hooks or
-        attributes, the autocast or grad mode) between those calls and the steps that follow them.
+        Only for callers that change no module attribute (``training`` flags and the like) between those calls
+        and the steps that follow them; what else the guards cover is still checked.
     """
 
     def __init__(
@@ -214,8 +227,14 @@ class StaticIncrementalLM(IncrementalLM):
         self.guards_once_per_batch = guards_once_per_batch and compile and can_skip_guards()
         self._guarded_windows: set[int | None] = set()  # window sizes whose guards were checked in this batch
         self._global_state = None  # dynamo's check of the global state those checks were made in
-        self._decode = self._compiled_decode(fullgraph=self.guards_once_per_batch) if compile else self._eager_decode
+        self._fullgraph = self.guards_once_per_batch  # see `_checked_decode`
+        self._decode = self._compiled_decode(fullgraph=self._fullgraph) if compile else self._eager_decode
         self.compactions = 0  # in-place shifts when the buffer filled (counted for tests)
+
+    @property
+    def _static_layers(self) -> bool:
+        """Every cache layer is a `DtypeStableStaticLayer` (what windows and skipped guards rely on)."""
+        return self.cache is not None and all(isinstance(layer, DtypeStableStaticLayer) for layer in self.cache.layers)
 
     @property
     def capacity(self) -> int:
@@ -251,30 +270,40 @@ class StaticIncrementalLM(IncrementalLM):
         tell the compiled variants apart once this window size was checked in this batch and the global state
         (autocast, grad mode, ...) is the one it was checked in.
 
-        Skipping is only sound in one compiled graph: after a graph break the later frames' code is shared with
-        other decoders, whose variants differ in ways skipped guards would not tell apart. So this decoder
-        compiles with ``fullgraph=True``, and a graph break turns the skipping off for it (with a warning).
+        Only a cache whose layers are all `DtypeStableStaticLayer` skips: others (a sliding window) keep Python
+        counters that change every step, which only the full check sees. Skipping is only sound in one compiled
+        graph (after a graph break the later frames' code is shared with other decoders), so this decoder
+        compiles with ``fullgraph=True``; what that refuses (a graph break, data-dependent control flow,
+        `RECOMPILE_LIMIT` variants) turns it back to the usual compile, with a warning, and stops the skipping.
         """
-        if not (self.guards_once_per_batch and in_default_stance()):
-            return self._decode(*inputs)  # a caller's own stance (force_eager, say) is left as it is
-        if window in self._guarded_windows and self._global_state is not None and self._global_state.check():
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return self._decode(*inputs)
+        once = self.guards_once_per_batch and self._static_layers and in_default_stance()  # keep a caller's stance
+        if once and window in self._guarded_windows and self._global_state is not None and self._global_state.check():
+            try:
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return self._decode(*inputs)
+            except RuntimeError as error:  # state no per-step check covers (inference_mode, a TorchFunctionMode)
+                if "skip_guard_eval_unsafe" not in str(error):
+                    raise
+                self._guarded_windows.clear()  # raised before running anything: check in full below
         try:
             out = self._decode(*inputs)
-        except torch._dynamo.exc.Unsupported as error:  # a graph break
+        except _FULLGRAPH_REFUSALS as error:
+            if not self._fullgraph:
+                raise
             warnings.warn(
-                f"the compiled decode step of {type(self.model).__name__} has a graph break ({error}); its guards "
-                "are checked at every step instead of once per batch",
-                stacklevel=3,
+                f"the compiled decode step of {type(self.model).__name__} cannot be one graph "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); it is compiled as "
+                "usual and its guards are checked at every step",
+                stacklevel=4,
             )
-            self.guards_once_per_batch = False
+            self.guards_once_per_batch = self._fullgraph = False
             self._decode = self._compiled_decode()
             return self._decode(*inputs)
-        if self._global_state is None or not self._global_state.check():
-            self._guarded_windows.clear()  # checked in other global state: those checks no longer hold
-            self._global_state = torch._C._dynamo.guards.GlobalStateGuard()
-        self._guarded_windows.add(window)
+        if once:
+            if self._global_state is None or not self._global_state.check():
+                self._guarded_windows.clear()  # checked in other global state: those checks no longer hold
+                self._global_state = torch._C._dynamo.guards.GlobalStateGuard()
+            self._guarded_windows.add(window)
         return out
 
     # ------------------------------------------------------------------------------- cache buffers
@@ -309,7 +338,7 @@ class StaticIncrementalLM(IncrementalLM):
     def _step_window(self) -> int | None:
         """The columns the next decode step attends to; None (all) unless every layer can be windowed."""
         assert self.cache is not None
-        if not self.windowed or not all(isinstance(layer, DtypeStableStaticLayer) for layer in self.cache.layers):
+        if not self.windowed or not self._static_layers:
             return None  # sliding-window or other layer types keep transformers' own sizes
         window = attention_window(self.length + 1, self.capacity, self.max_window_fraction)
         return None if window >= self.capacity else window  # the whole buffer: no slices, the unwindowed variant
@@ -408,7 +437,10 @@ class StaticIncrementalLM(IncrementalLM):
         try:
             logits, hidden = self._checked_decode(window, tokens, mask, positions)
         except BaseException:
-            self.cache_mask[:, self.length] = 0  # a failed step appends nothing: the decoder stays usable
+            # A failed step appends nothing: the decoder stays usable. The layers the forward reached have moved
+            # their write column already.
+            self.cache_mask[:, self.length] = 0
+            self._set_length(self.length)
             raise
         self.forward_calls += 1
         self.tokens_processed += tokens.numel()
