@@ -43,6 +43,16 @@ def sequences(gen: torch.Generator, n: int) -> list[torch.Tensor]:
     return [torch.randint(3, VOCAB, (int(k),), generator=gen) for k in torch.randint(1, 9, (n,), generator=gen)]
 
 
+def started_pair(plain: IncrementalLM, seed: int, rows: int, reserve: int = 8):
+    """``plain`` and a guards-once compiled decoder of the same model, started on the same random prompts; and
+    the generator that drew them, for the tokens to come."""
+    compiled = make_decoder(plain.model, "compiled", guards_once_per_batch=True)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = sequences(gen, rows)
+    plain.start(prompts, reserve=reserve), compiled.start(prompts, reserve=reserve)
+    return plain, compiled, gen
+
+
 @pytest.fixture
 def skipped_steps(monkeypatch) -> list[bool]:
     """One entry per ``torch.compiler.set_stance`` call that skips guard evaluation."""
@@ -125,12 +135,7 @@ def test_a_change_between_batches_is_still_caught():
 def test_an_autocast_change_within_a_batch_is_checked_again(skipped_steps, restore):
     """The env's reference steps in whatever autocast surrounds ``env.step``: a change within a batch (and back)
     gets a full check, not a stale variant or a failed recompile, and the cheap check resumes after it."""
-    model = tiny_lm()
-    eager = StaticIncrementalLM(model)
-    compiled = make_decoder(model, "compiled", guards_once_per_batch=True)
-    gen = torch.Generator().manual_seed(3)
-    prompts = sequences(gen, 3)
-    eager.start(prompts, reserve=8), compiled.start(prompts, reserve=8)
+    eager, compiled, gen = started_pair(StaticIncrementalLM(tiny_lm()), seed=3, rows=3)
     autocast = [False, False, True, True, True] + ([False, False] if restore else [])
     for t, enabled in enumerate(autocast):
         tokens = torch.randint(3, VOCAB, (3,), generator=gen)
@@ -286,12 +291,7 @@ def test_compiled_env_refuses_bad_input_and_changes_nothing(defer_kl):
 def test_a_callers_own_compiler_stance_is_kept(skipped_steps):
     """Steps run under ``set_stance("force_eager")`` stay eager and are not counted as checked: after it, the
     compiled step checks its guards again (and compiles) instead of failing on a missing variant."""
-    model = tiny_lm()
-    dynamic = IncrementalLM(model)
-    compiled = make_decoder(model, "compiled", guards_once_per_batch=True)
-    gen = torch.Generator().manual_seed(2)
-    prompts = sequences(gen, 3)
-    dynamic.start(prompts), compiled.start(prompts, reserve=8)
+    dynamic, compiled, gen = started_pair(IncrementalLM(tiny_lm()), seed=2, rows=3)
     for t in range(6):
         tokens = torch.randint(3, VOCAB, (3,), generator=gen)
         if t < 3:
@@ -315,11 +315,7 @@ def test_a_sliding_window_cache_checks_every_guard(skipped_steps):
     )  # fmt: skip
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
-    dynamic = IncrementalLM(model)
-    compiled = make_decoder(model, "compiled", guards_once_per_batch=True)
-    gen = torch.Generator().manual_seed(6)
-    prompts = sequences(gen, 2)
-    dynamic.start(prompts), compiled.start(prompts, reserve=24)
+    dynamic, compiled, gen = started_pair(IncrementalLM(model), seed=6, rows=2, reserve=24)
     for _ in range(4):  # every step recompiles (the counter is in a guard): few steps
         tokens = torch.randint(3, VOCAB, (2,), generator=gen)
         torch.testing.assert_close(dynamic.step(tokens).logits, compiled.step(tokens).logits, atol=1e-5, rtol=1e-5)
@@ -374,12 +370,7 @@ def test_state_no_per_step_check_covers_gets_a_full_check():
         def __torch_function__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
-    model = tiny_lm()
-    eager = StaticIncrementalLM(model)
-    compiled = make_decoder(model, "compiled", guards_once_per_batch=True)
-    gen = torch.Generator().manual_seed(8)
-    prompts = sequences(gen, 2)
-    eager.start(prompts), compiled.start(prompts, reserve=8)
+    eager, compiled, gen = started_pair(StaticIncrementalLM(tiny_lm()), seed=8, rows=2)
     for context in (contextlib.nullcontext, contextlib.nullcontext, torch.inference_mode, Passing, contextlib.nullcontext):
         tokens = torch.randint(3, VOCAB, (2,), generator=gen)
         with context():
