@@ -22,7 +22,7 @@ import torch
 
 from agents.chunked_logprobs import chunked_taken_logprobs
 from textenv.policy_link import PolicyLink
-from textenv.sampling import SamplingConfig, sample_tokens
+from textenv.sampling import SamplingConfig
 from textenv.vector_env import TextGenerationVectorEnv
 
 LOGPROB_FLOOR = -50.0
@@ -83,10 +83,10 @@ def collect_rollout(
     for t in range(T):
         mask[:, t] = ~env.done
         with link.autocast():  # the link's, which its own (prefetched) forwards also run in
+            tokens = link.sample(generator)  # with fused sampling, one compiled call (distribution and draw)
             distribution = link.logprobs()
             if value_fn is not None:
                 values[:, t] = value_fn(link.outputs().hidden)
-        tokens = sample_tokens(distribution, generator)
         logprobs[:, t] = distribution.gather(-1, tokens.view(-1, 1)).squeeze(-1)
         actions[:, t] = tokens
         _, step_rewards, terminated, _, info = env.step(tokens)

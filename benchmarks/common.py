@@ -118,20 +118,32 @@ def benchmark_parser(
             help="with --decoding compiled, check the compiled steps' dynamo guards at every step, not once per "
             "batch (textenv.static_decoding, 'Guards'): the cost before, to compare",
         )  # fmt: skip
+        parser.add_argument(
+            "--no-fused-sampling", action="store_true",
+            help="sample with the eager log-softmax and inverse CDF, not one compiled call (textenv.fused_sampling, "
+            "the default of --decoding compiled on CUDA): the cost before, to compare",
+        )  # fmt: skip
     return parser
 
 
 def apply_agent_options(agent, args) -> None:
-    """Set ``--no-prefetch`` and ``--guards-every-step`` on an agent's link and its env's reference decoder."""
+    """Set ``--no-prefetch``, ``--guards-every-step`` and ``--no-fused-sampling`` on an agent's link and its env's
+    reference decoder."""
     agent.link.prefetch_forward = not args.no_prefetch
+    agent.link.fused_sampling &= not args.no_fused_sampling
     for decoder in (agent.link.decoder, agent.env.engine.reference):
         if hasattr(decoder, "guards_once_per_batch"):  # a static decoder
             decoder.guards_once_per_batch &= not args.guards_every_step
 
 
 def agent_options(args) -> str:
-    """``--no-prefetch`` and ``--guards-every-step`` as a benchmark header prints them."""
-    return f"prefetch={not args.no_prefetch} guards={'every step' if args.guards_every_step else 'once per batch'}"
+    """How ``--no-prefetch``, ``--guards-every-step`` and ``--no-fused-sampling`` leave an agent's link, as a
+    benchmark header prints it (fused sampling: the link's default for the decoding and device, unless off)."""
+    from textenv.fused_sampling import default_fused_sampling
+
+    guards = "every step" if args.guards_every_step else "once per batch"
+    fused = default_fused_sampling(args.decoding, torch.device(args.device)) and not args.no_fused_sampling
+    return f"prefetch={not args.no_prefetch} guards={guards} fused_sampling={fused}"
 
 
 def parse_benchmark_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

@@ -19,6 +19,10 @@ what the attention window (`textenv.static_decoding.attention_window`) saves ove
 more than one window size there is more than one compiled variant, and even with guard evaluation skipped
 dynamo checks the guards that tell them apart.
 
+Sampling is timed from the policy's logits too, as a `PolicyLink` samples: the sampling distribution's
+log-softmax and the inverse-CDF draw eagerly, and the same in one compiled call (`textenv.fused_sampling`,
+the default of a ``compiled`` link on CUDA).
+
     python benchmarks/components.py --shape small --batch 64 --threads 1
     python benchmarks/components.py --shape gpt2 --prompt 64 --new 128 --batch 256 --device cuda --bf16
 """
@@ -40,9 +44,10 @@ from benchmarks.common import (  # noqa: E402
     timed,
     timed_alternating,
 )
+from textenv.fused_sampling import FusedSampler  # noqa: E402
 from textenv.incremental import IncrementalLM  # noqa: E402
 from textenv.rewards import RewardModelScorer  # noqa: E402
-from textenv.sampling import sample_tokens  # noqa: E402
+from textenv.sampling import SamplingConfig, sample_tokens, uniform_draws  # noqa: E402
 from textenv.static_decoding import StaticIncrementalLM, can_skip_guards, make_decoder  # noqa: E402
 
 
@@ -69,6 +74,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     decoders = {"dynamic": IncrementalLM(models["policy"]), "compiled": make_decoder(models["policy"], "compiled")}
     logits = torch.randn(B, len(tokenizer), device=args.device)
     logprobs = torch.log_softmax(logits, -1)
+    policy_logits = logits.to(torch.bfloat16 if args.bf16 else torch.float32)  # what the decode step hands over
+    sampling, fused = SamplingConfig(), FusedSampler(SamplingConfig())
+    fused.logprobs_and_tokens(policy_logits, uniform_draws(B, None, logits.device))  # compiles
     scorer = RewardModelScorer(models["reward"], tokenizer, batch_size=B, normalize=False)
 
     @torch.no_grad()
@@ -101,6 +109,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             lambda: torch.multinomial(torch.softmax(logits, -1), 1), args.device, args.repeats
         )[0],
         "textenv sampling (inverse CDF)": timed(lambda: sample_tokens(logprobs), args.device, args.repeats)[0],
+        "  from logits: log-softmax + inverse CDF": timed(
+            lambda: sample_tokens(sampling.logprobs(policy_logits)), args.device, args.repeats
+        )[0],
+        "  the same, fused (one compiled call)": timed(
+            lambda: fused.logprobs_and_tokens(policy_logits, uniform_draws(B, None, logits.device)),
+            args.device, args.repeats,
+        )[0],  # fmt: skip
         "reward model, per step": timed(lambda: scorer(prompts, completions), args.device, args.repeats)[0]
         / args.new,
     }

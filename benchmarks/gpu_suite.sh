@@ -7,15 +7,15 @@
 #   bash benchmarks/gpu_wheels.sh              # here, once: wheels for packages the GPU image lacks
 #   bash benchmarks/gpu_suite.sh               # there, in the repository root (carry .whl)
 #   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo, update,
-#                                              # deferred, ppo_deferred (and the extras profile, components)
+#                                              # deferred, ppo_deferred, fused (and the extras profile, components)
 #
 # Each compiled shape compiles once (tens of seconds on a GPU), so the whole suite can pass a 10-minute
 # limit per command: then run it in several calls, most decisive first: "tests deferred",
-# "update ppo_deferred", "rollout ppo", "scaling".
+# "fused update ppo_deferred", "rollout ppo", "scaling".
 #
 # Output goes to $OUT (or benchmarks/results/), one log per benchmark, to be copied into docs/benchmarks.md.
 set -uo pipefail
-parts=${*:-tests rollout scaling ppo update deferred ppo_deferred}
+parts=${*:-tests rollout scaling ppo update deferred fused ppo_deferred}
 want() { [[ " $parts " == *" $1 "* ]]; }
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -32,7 +32,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 # deferred KL against the per-token one, on the GPU.
 if want tests; then
   TEXTENV_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_static_decoding.py tests/test_deferred_kl.py \
-    tests/test_policy_prefetch.py tests/test_compiled_step_overhead.py 2>&1 \
+    tests/test_policy_prefetch.py tests/test_compiled_step_overhead.py tests/test_fused_sampling.py 2>&1 \
     | tee "$out/gpu_tests.txt"
 fi
 gpt2="--shape gpt2 --prompt 64 --device cuda --bf16"
@@ -79,6 +79,12 @@ if want deferred; then
   # every guard checked at every step (before guards_once_per_batch): the guards' share of the host-bound step
   run rollout_deferred python3 benchmarks/rollout.py $gpt2 --new 128 --batch 64 --decoding compiled --defer-kl \
     --guards-every-step
+fi
+if want fused; then  # the eager log-softmax and inverse CDF instead of fused sampling: what fusing gives
+  for batch in 256 64; do
+    run rollout_deferred python3 benchmarks/rollout.py $gpt2 --new 128 --batch $batch --decoding compiled --defer-kl \
+      --no-fused-sampling
+  done
 fi
 if want ppo_deferred; then
   run ppo_vs_trl_deferred python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 \

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     print(f"{'new tokens':>10} {'textenv ms/step':>16} {'uncached ms/step':>17}")
     for new in lengths:
         settings = types.SimpleNamespace(prompt=args.prompt, new=new, bf16=args.bf16, decoding=args.decoding, defer_kl=args.defer_kl,
-                                         no_prefetch=args.no_prefetch, guards_every_step=args.guards_every_step)  # fmt: skip
+                                         no_prefetch=args.no_prefetch, guards_every_step=args.guards_every_step,
+                                         no_fused_sampling=args.no_fused_sampling)  # fmt: skip
         agent = rollout_agent(models, prompts, settings)
         seconds, steps = timed(lambda a=agent: int((a.rollout().mask.sum(0) > 0).sum()), args.device, args.repeats)
         ids = models["tokenizer"](prompts, return_tensors="pt")["input_ids"].to(args.device)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import components, ppo_vs_trl, profile_rollout, rollout, scaling, update_memory
-from benchmarks.common import build, random_prompts
+from benchmarks.common import apply_agent_options, build, random_prompts
 from benchmarks.live_memory import LiveTensorPeak, resident_bytes
 
 
@@ -21,6 +21,20 @@ def test_rollout_benchmark_prints_a_ratio(decoding, extra, capsys):
     out = capsys.readouterr().out
     assert "ratio textenv/HF" in out and f"defer_kl={'--defer-kl' in extra}" in out
     assert f"prefetch={'--no-prefetch' not in extra}" in out
+    assert "fused_sampling=False" in out  # the default on the CPU
+
+
+def test_no_fused_sampling_turns_a_links_fused_sampling_off():
+    models = build("tiny", 12, "cpu", torch.float32)
+    settings = types.SimpleNamespace(prompt=4, new=4, bf16=False, decoding="static", defer_kl=False, no_prefetch=False,
+                                     guards_every_step=False, no_fused_sampling=False)  # fmt: skip
+    agent = rollout.rollout_agent(models, random_prompts(models["tokenizer"], 2, 4), settings)
+    agent.link.fused_sampling = True  # the default of compiled decoding on CUDA
+    apply_agent_options(agent, settings)
+    assert agent.link.fused_sampling
+    settings.no_fused_sampling = True
+    apply_agent_options(agent, settings)
+    assert not agent.link.fused_sampling
 
 
 def test_scaling_benchmark_reports_every_length():
@@ -35,7 +49,7 @@ def run_tiny_textenv_side(decoding: str, cpu_memory: bool, defer_kl: bool = Fals
     prompts = random_prompts(models["tokenizer"], 4, 4)
     args = types.SimpleNamespace(batch=4, minibatches=2, prompt=4, new=8, iterations=1, device="cpu", bf16=False,
                                  decoding=decoding, cpu_memory=cpu_memory, defer_kl=defer_kl, warmup=warmup, no_prefetch=False,
-                                 guards_every_step=False)  # fmt: skip
+                                 guards_every_step=False, no_fused_sampling=False)  # fmt: skip
     return models, ppo_vs_trl.run_textenv(models, prompts, args)
 
 
@@ -67,12 +81,12 @@ def test_ppo_benchmark_measures_cpu_memory_on_request():
 def test_components_benchmark_times_each_part(monkeypatch):
     argv = ["--shape", "tiny", "--batch", "4", "--prompt", "4", "--new", "6", "--repeats", "1"]
     ms = components.main(argv)
-    assert len(ms) == 8 and all(v > 0 for v in ms.values())
-    assert "  the same, attending to the whole buffer" in ms
+    assert len(ms) == 10 and all(v > 0 for v in ms.values())
+    assert "  the same, attending to the whole buffer" in ms and "  the same, fused (one compiled call)" in ms
     monkeypatch.setattr(components, "can_skip_guards", lambda: False)  # a torch older than 2.7
     monkeypatch.setattr(components, "compiled_without_module_guards", lambda model: None)  # older than 2.8
     ms = components.main(argv)
-    assert len(ms) == 6 and "  the same, guards checked once per batch" not in ms
+    assert len(ms) == 8 and "  the same, guards checked once per batch" not in ms
 
 
 def test_profile_benchmark_reports_the_rollouts_operators(capsys):

@@ -26,9 +26,10 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from transformers import PreTrainedModel
 
+from textenv.fused_sampling import FusedSampler, default_fused_sampling
 from textenv.host_transfer import index_on
 from textenv.incremental import DEFAULT_RESERVE, IncrementalLM, StepOutput
-from textenv.sampling import SamplingConfig, sample_tokens
+from textenv.sampling import SamplingConfig, sample_tokens, uniform_draws
 from textenv.static_decoding import make_decoder
 
 
@@ -52,6 +53,10 @@ class PolicyLink:
         ``prefetch``: no module attribute of the model (``training`` flags and the like) changes within a
         batch. In-place weight updates are not guarded and stay safe. The agents that set ``prefetch`` set
         this too; ``link.decoder.guards_once_per_batch = False`` turns it off.
+    :param fused_sampling: `sample` computes the sampling log-probs and draws the tokens in one compiled call
+        (`textenv.fused_sampling`): the same draws up to float64 rounding at token boundaries. Default
+        (``None``): on for ``compiled`` decoding on CUDA, off elsewhere (on the CPU it is slower); the
+        ``fused_sampling`` attribute can be changed at any time.
     """
 
     def __init__(
@@ -64,6 +69,7 @@ class PolicyLink:
         autocast: Callable[[], AbstractContextManager] = nullcontext,
         prefetch: bool = False,
         guards_once_per_batch: bool = False,
+        fused_sampling: bool | None = None,
     ) -> None:
         self.model = model
         self.autocast = autocast
@@ -77,6 +83,9 @@ class PolicyLink:
         self._current: StepOutput | None = None  # outputs for the current state of every row
         self._logprobs: torch.Tensor | None = None  # sampling log-probs for the current state
         self._pending: torch.Tensor | None = None  # tokens appended but not yet run through the model
+        device = self.decoder.device if self.decoder is not None else torch.device("cpu")
+        self.fused_sampling = default_fused_sampling(decoding, device) if fused_sampling is None else fused_sampling
+        self._fused_sampler: FusedSampler | None = None  # compiled when first used
 
     # ---------------------------------------------------------------------------------- agent side
     def logprobs(self) -> torch.Tensor:
@@ -111,8 +120,22 @@ class PolicyLink:
             self.outputs()
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample one token per row from the sampling distribution."""
-        return sample_tokens(self.logprobs(), generator)
+        """Sample one token per row from the sampling distribution (one uniform number per row from ``generator``).
+
+        With ``fused_sampling`` and no distribution computed yet for this state, the distribution (then kept for
+        `logprobs` and the env's KL term) and the draw come from one compiled call.
+        """
+        if not self.fused_sampling:
+            return sample_tokens(self.logprobs(), generator)
+        if self._fused_sampler is None or self._fused_sampler.sampling != self.sampling:
+            self._fused_sampler = FusedSampler(self.sampling)  # (a changed `sampling` compiles anew)
+        if self._logprobs is None:
+            logits = self.outputs().logits
+            u = uniform_draws(logits.shape[0], generator, logits.device)
+            self._logprobs, tokens = self._fused_sampler.logprobs_and_tokens(logits, u)
+            return tokens
+        u = uniform_draws(self._logprobs.shape[0], generator, self._logprobs.device)
+        return self._fused_sampler.tokens(self._logprobs, u)
 
     def provide(self, logprobs: torch.Tensor) -> None:
         """Hand over the current step's sampling log-probs ``(B, V)`` computed outside the link."""

@@ -76,10 +76,19 @@ def sample_tokens(logprobs: torch.Tensor, generator: torch.Generator | None = No
     sum runs in float64 so a 50k-token vocabulary adds no visible rounding bias.
     """
     cdf = logprobs.exp().double().cumsum(-1)
-    device = generator.device if generator is not None else cdf.device
-    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=device)
-    u = to_device(u, cdf.device)  # a CPU generator for GPU logits gives the same draws on any device
+    u = uniform_draws(cdf.shape[0], generator, cdf.device)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+
+
+def uniform_draws(rows: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """``(rows, 1)`` float64 uniform numbers in [0, 1) from ``generator``, on ``device``: one per row and token.
+
+    Drawn on the generator's own device and copied over, so a CPU generator gives the same draws for
+    logits on any device (and `textenv.fused_sampling` the same draws as `sample_tokens`).
+    """
+    source = generator.device if generator is not None else device
+    u = torch.rand(rows, 1, generator=generator, dtype=torch.float64, device=source)
+    return to_device(u, device)
 
 
 def entropy(logprobs: torch.Tensor) -> torch.Tensor:

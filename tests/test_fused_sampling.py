@@ -1,0 +1,153 @@
+"""Fused sampling (`textenv.fused_sampling`): the sampling distribution and the draw in one compiled call, with a
+blocked inverse-CDF search. It must draw `sample_tokens`' tokens from the same uniform numbers, never a token
+of probability 0 (padding, top-k / top-p cuts, the edges of ``u``), and a rollout through a link that fuses
+must equal one that does not.
+
+The tests run on the CPU. ``TEXTENV_TEST_DEVICE=cuda`` runs them on a GPU instead (benchmarks/gpu_suite.sh does),
+where fused sampling is the default of a ``compiled`` link.
+"""
+
+import os
+
+import pytest
+import torch
+
+from agents.ppo import PPOAgent, PPOConfig
+from agents.value_head import PolicyWithValueHead
+from textenv import PolicyLink
+from textenv.fused_sampling import SEARCH_BLOCK, FusedSampler, blocked_inverse_cdf, default_fused_sampling
+from textenv.sampling import SamplingConfig, sample_tokens, uniform_draws
+from textenv.toy import make_toy_env, toy_components
+
+DEVICE = torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu"))
+SAMPLINGS = [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=5), SamplingConfig(top_p=0.6)]
+
+
+def draws(rows: int, seed: int) -> torch.Tensor:
+    return uniform_draws(rows, torch.Generator().manual_seed(seed), DEVICE)
+
+
+def random_logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    return (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3).to(DEVICE)
+
+
+@pytest.mark.parametrize("vocab", [1, 200, SEARCH_BLOCK, SEARCH_BLOCK + 1, 1000, 50257])
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["plain", "top-k", "top-p"])
+def test_the_blocked_search_draws_the_flat_samplers_tokens(vocab, sampling):
+    logprobs = sampling.logprobs(random_logits(16, vocab, seed=vocab))
+    for seed in range(20 if vocab > 1000 else 100):
+        flat = sample_tokens(logprobs, torch.Generator().manual_seed(seed))
+        assert torch.equal(blocked_inverse_cdf(logprobs, draws(16, seed)), flat), seed
+
+
+def test_the_blocked_search_samples_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.0, 0.25, 0.05])
+    probs = torch.cat([probs, torch.zeros(2 * SEARCH_BLOCK)])  # mass only in the first block
+    probs[SEARCH_BLOCK + 7] = 0.1  # and one token in the second
+    logprobs = (probs / probs.sum()).log().expand(40000, -1).to(DEVICE)
+    tokens = blocked_inverse_cdf(logprobs, draws(40000, 0))
+    frequency = torch.bincount(tokens.cpu(), minlength=probs.numel()).double() / 40000
+    torch.testing.assert_close(frequency, probs.double() / probs.sum(), atol=0.01, rtol=0)
+    assert frequency[probs == 0].sum() == 0
+
+
+def test_never_a_token_of_probability_zero():
+    """At the edges of ``u`` (0 and the largest float64 below 1), at every token's exact upper boundary, and
+    with mass only at the vocabulary's ends, in a block's middle, or in tokens far smaller than their neighbours."""
+    vocab = 3 * SEARCH_BLOCK + 11
+    layouts = {
+        "first only": [0],
+        "last only": [vocab - 1],
+        "mid block": [SEARCH_BLOCK + 100],
+        "both ends": [0, vocab - 1],
+        "block edges": [SEARCH_BLOCK - 1, SEARCH_BLOCK, 2 * SEARCH_BLOCK - 1],
+    }
+    u_edges = torch.tensor([0.0, 0.5, 1 - 2.0**-53], dtype=torch.float64)
+    for name, kept in layouts.items():
+        logprobs = torch.full((1, vocab), float("-inf"))
+        logprobs[0, kept] = torch.log_softmax(torch.arange(len(kept), dtype=torch.float), 0)
+        logprobs = logprobs.expand(3, -1).to(DEVICE)
+        tokens = blocked_inverse_cdf(logprobs, u_edges.view(-1, 1).to(DEVICE))
+        assert set(tokens.tolist()) <= set(kept), name
+    # Mass spread over many scales, with zeros between: draw at each token's exact upper cumulative boundary.
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(1)) * 20
+    logits[0, torch.randperm(vocab, generator=torch.Generator().manual_seed(2))[: vocab // 2]] = float("-inf")
+    logprobs = torch.log_softmax(logits, -1).to(DEVICE)
+    cdf = logprobs.exp().double().cumsum(-1)[0]
+    u = (cdf / cdf[-1]).clamp(max=1 - 2.0**-53).view(-1, 1)
+    tokens = blocked_inverse_cdf(logprobs.expand(vocab, -1), u)
+    assert torch.isfinite(logprobs[0, tokens]).all()
+
+
+def test_a_target_between_two_roundings_of_a_blocks_mass_stays_in_the_block():
+    """A block's sum (one reduction) and its cumulative sum (another order) round differently when its masses
+    span many binary orders; a target between the two must not run past the block into one of zero mass."""
+    for seed in range(50):
+        probs = torch.zeros(1, 2 * SEARCH_BLOCK, dtype=torch.float, device=DEVICE)
+        probs[0, :SEARCH_BLOCK] = torch.rand(SEARCH_BLOCK, generator=torch.Generator().manual_seed(seed)).to(DEVICE) * 1e-9
+        probs[0, 0] = 0.75  # the second block has no mass at all
+        block_sum = probs[:, :SEARCH_BLOCK].sum(-1, dtype=torch.float64)
+        running = probs[0, :SEARCH_BLOCK].cumsum(-1, dtype=torch.float64)[-1]
+        u = running / block_sum
+        while u < 1 and not running <= u * block_sum < block_sum:
+            u = torch.nextafter(u, torch.ones_like(u))
+        if running <= u * block_sum < block_sum:  # found a target in the gap
+            assert blocked_inverse_cdf(probs.log(), u.view(1, 1)).item() < SEARCH_BLOCK
+            return
+    raise AssertionError("no block whose two sums round apart: the construction no longer tests the gap")
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS, ids=["plain", "top-k", "top-p"])
+def test_the_compiled_sampler_matches_the_eager_distribution_and_draws(sampling):
+    sampler = FusedSampler(sampling)
+    for seed in range(3):
+        logits = random_logits(8, 1000, seed)
+        expected = sampling.logprobs(logits)
+        logprobs, tokens = sampler.logprobs_and_tokens(logits, draws(8, seed))
+        torch.testing.assert_close(logprobs, expected)
+        assert torch.equal(tokens, sample_tokens(expected, torch.Generator().manual_seed(seed)))
+        assert torch.equal(sampler.tokens(expected, draws(8, seed + 10)),
+                           sample_tokens(expected, torch.Generator().manual_seed(seed + 10)))  # fmt: skip
+
+
+def test_fused_sampling_is_on_by_default_only_for_compiled_decoding_on_cuda():
+    assert default_fused_sampling("compiled", torch.device("cuda"))
+    assert not default_fused_sampling("compiled", torch.device("cpu"))
+    assert not default_fused_sampling("static", torch.device("cuda"))
+    model = toy_components(seed=3)["model"]
+    assert not PolicyLink(model, decoding="compiled").fused_sampling  # on the CPU
+    assert PolicyLink(model, fused_sampling=True).fused_sampling
+    assert not PolicyLink(None).fused_sampling
+
+
+def test_a_ppo_rollout_is_the_same_with_fused_sampling():
+    batches = []
+    for fused in (True, False):
+        env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=8, device=DEVICE, decoding="static")
+        agent = PPOAgent(PolicyWithValueHead(toy_components(seed=5)["model"].to(DEVICE)), env,
+                         PPOConfig(decoding="static", minibatch_size=4, micro_batch_size=4))  # fmt: skip
+        agent.link.fused_sampling = fused
+        batches.append(agent.rollout())
+        assert (agent.link._fused_sampler is not None) == fused
+    a, b = batches
+    assert torch.equal(a.actions, b.actions)
+    for name in ("logprobs", "values", "rewards", "mask"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_link_samples_provided_logprobs_and_a_changed_sampling_config():
+    link = PolicyLink(None, fused_sampling=True)
+    logprobs = SamplingConfig(top_k=3).logprobs(random_logits(6, 700, seed=4))
+    link.provide(logprobs)
+    assert torch.equal(link.sample(torch.Generator().manual_seed(5)),
+                       sample_tokens(logprobs, torch.Generator().manual_seed(5)))  # fmt: skip
+    model = toy_components(seed=3)["model"].to(DEVICE)
+    link = PolicyLink(model, fused_sampling=True)
+    link.start([torch.tensor([1, 2, 3]), torch.tensor([4, 5])])
+    tokens = link.sample(torch.Generator().manual_seed(0))  # compiles the sampler of the default config
+    assert link._logprobs is not None  # the compiled call's distribution is kept for the env's KL term
+    link.advance(tokens)
+    link.sampling = SamplingConfig(top_k=1)  # greedy: the sampler compiled before the change must not be used
+    greedy = link.sample(torch.Generator().manual_seed(0))
+    assert torch.equal(greedy, link.outputs().logits.argmax(-1))
+    torch.testing.assert_close(link.logprobs(), SamplingConfig(top_k=1).logprobs(link.outputs().logits))

@@ -1,0 +1,92 @@
+"""Fused sampling: the policy's sampling distribution and a token draw in one compiled call.
+
+Why. Per token, the eager path (`SamplingConfig.logprobs`, then `textenv.sampling.sample_tokens`) runs a
+float32 copy of the logits, a log-softmax, an ``exp``, a float64 copy and a float64 cumulative sum over the
+whole vocabulary, then a binary search: each a kernel that reads and writes ``B × V`` numbers. At GPT-2's
+vocabulary and batch 256 that is about half a gigabyte of memory traffic per step, and in the H100 profile
+(docs/benchmarks.md, "GPU targets") the cumulative sum alone took 26 ms of a 128-step rollout, the two
+log-softmaxes 17 ms. Compiled as one function, inductor fuses the pointwise work into the reductions.
+
+The search is blocked so that no cumulative sum runs over the whole vocabulary (`blocked_inverse_cdf`): the
+probabilities are summed per block of `SEARCH_BLOCK` tokens (the ``exp`` fused into a float64 reduction),
+the block sums' cumulative sum (a few hundred entries) picks the block, and a cumulative sum of that one
+block picks the token. It is the same inverse-CDF draw as `sample_tokens`, from the same single uniform
+number per row: the two pick different tokens only when that number falls within float64 rounding (about
+1e-16) of the boundary between two tokens. Like it, it never draws a token of probability 0.
+
+On the CPU a compiled call costs more than the few small kernels it replaces at textenv's test and benchmark
+sizes (a scratch loop: 15 µs eager vs 68 µs compiled at 4 × 1,000; 75 vs 187 µs at 64 × 1,000; 0.76 vs 0.96
+ms at 64 × 8,000), so `default_fused_sampling` turns it on only for ``compiled`` decoding on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from textenv.compile_cache import own_code_copy
+from textenv.sampling import SamplingConfig
+
+SEARCH_BLOCK = 256
+"""Tokens per block of the blocked search: ~200 blocks for GPT-2's 50,257; one block a row reads in full."""
+
+
+def default_fused_sampling(decoding: str, device: torch.device) -> bool:
+    """Fused sampling where it is expected to pay: ``compiled`` decoding on CUDA (see the module docstring)."""
+    return decoding == "compiled" and device.type == "cuda"
+
+
+def blocked_inverse_cdf(logprobs: torch.Tensor, u: torch.Tensor, block: int = SEARCH_BLOCK) -> torch.Tensor:
+    """The token of each row ``(B,)`` whose cumulative probability first exceeds ``u × total``, found blockwise.
+
+    :param logprobs: ``(B, V)`` log-probs (``-inf`` for tokens that cannot be drawn).
+    :param u: ``(B, 1)`` float64 uniform numbers in [0, 1), one per row.
+
+    Every comparison is strict where it has to be, so a token of probability 0 is never picked: ``u < 1``
+    makes the target below the total, so the chosen block's cumulative sum rises past it (the block holds
+    mass); within the block the remainder is kept below the block's own sum (whose rounding may differ from
+    the block total's), and a cumulative sum that rises at a token means that token has mass.
+    """
+    rows, vocab = logprobs.shape
+    blocks_per_row = -(-vocab // block)
+    probs = logprobs.float().exp()
+    if blocks_per_row * block != vocab:
+        probs = torch.nn.functional.pad(probs, (0, blocks_per_row * block - vocab))  # padding: probability 0
+    blocks = probs.view(rows, blocks_per_row, block)
+    block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # (B, blocks)
+    target = u * block_cdf[:, -1:]  # < the total for u < 1
+    chosen = torch.searchsorted(block_cdf, target, right=True)  # (B, 1): first block whose cdf exceeds target
+    before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp(min=0)), 0.0)
+    within = blocks.gather(1, chosen.unsqueeze(-1).expand(rows, 1, block)).squeeze(1)  # (B, block)
+    within_cdf = within.cumsum(-1, dtype=torch.float64)
+    # The remainder is >= 0 (block_cdf[chosen - 1] <= target); keep it below this block's own total.
+    remainder = torch.minimum(target - before, torch.nextafter(within_cdf[:, -1:], torch.zeros_like(before)))
+    token = torch.searchsorted(within_cdf, remainder, right=True)
+    return (chosen * block + token).squeeze(-1)
+
+
+def sampling_step(logits: torch.Tensor, u: torch.Tensor, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling distribution's log-probs ``(B, V)`` and one token per row drawn from it with ``u``."""
+    logprobs = sampling.logprobs(logits)
+    return logprobs, blocked_inverse_cdf(logprobs, u)
+
+
+class FusedSampler:
+    """`sampling_step` and `blocked_inverse_cdf`, each compiled for this sampler alone.
+
+    Static shapes, one graph each (``fullgraph``), inductor's default mode on every device: no CUDA graph, so
+    the log-probs handed out are ordinary tensors that no later replay overwrites. Each instance compiles its
+    own copy of the code (`textenv.compile_cache`), so samplers of other shapes never share a dynamo cache.
+    """
+
+    def __init__(self, sampling: SamplingConfig) -> None:
+        self.sampling = sampling
+        self._step = torch.compile(own_code_copy(sampling_step), dynamic=False, fullgraph=True)
+        self._search = torch.compile(own_code_copy(blocked_inverse_cdf), dynamic=False, fullgraph=True)
+
+    def logprobs_and_tokens(self, logits: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the policy's logits: the sampling log-probs and the drawn tokens, in one call."""
+        return self._step(logits, u, self.sampling)
+
+    def tokens(self, logprobs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Tokens drawn from log-probs already computed (handed over with ``PolicyLink.provide``, say)."""
+        return self._search(logprobs, u)
