@@ -86,13 +86,15 @@ def test_a_target_between_two_roundings_of_a_blocks_mass_stays_in_the_block():
         probs = torch.zeros(1, 2 * SEARCH_BLOCK, dtype=torch.float, device=DEVICE)
         probs[0, :SEARCH_BLOCK] = torch.rand(SEARCH_BLOCK, generator=torch.Generator().manual_seed(seed)).to(DEVICE) * 1e-9
         probs[0, 0] = 0.75  # the second block has no mass at all
-        block_sum = probs[:, :SEARCH_BLOCK].sum(-1, dtype=torch.float64)
+        logprobs = probs.log()
+        probs = logprobs.exp()  # the probabilities exactly as the search computes and sums them
+        block_sum = probs.view(1, 2, SEARCH_BLOCK).sum(-1, dtype=torch.float64)[:, 0]
         running = probs[0, :SEARCH_BLOCK].cumsum(-1, dtype=torch.float64)[-1]
         u = running / block_sum
         while u < 1 and not running <= u * block_sum < block_sum:
             u = torch.nextafter(u, torch.ones_like(u))
         if running <= u * block_sum < block_sum:  # found a target in the gap
-            assert blocked_inverse_cdf(probs.log(), u.view(1, 1)).item() < SEARCH_BLOCK
+            assert blocked_inverse_cdf(logprobs, u.view(1, 1)).item() < SEARCH_BLOCK
             return
     raise AssertionError("no block whose two sums round apart: the construction no longer tests the gap")
 
