@@ -49,7 +49,9 @@ from transformers import PreTrainedModel
 
 from agents.ppo import masked_mean
 from agents.rollout import Rollout, collect_rollout, generated_positions, iteration_stats, taken_logprobs
+from agents.update_stats import UpdateStats
 from agents.value_head import PolicyWithValueHead
+from textenv.host_transfer import to_device
 from textenv.models import position_ids_from_mask
 from textenv.policy_link import PolicyLink
 from textenv.sampling import SamplingConfig
@@ -261,15 +263,15 @@ class SequencePolicyGradientAgent(ABC):
         cfg = self.config
         self.policy.train()
         B = batch.actions.shape[0]
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "entropy", "grad_norm")}
+        stats = UpdateStats(("policy_loss", "clipfrac", "approx_kl", "entropy", "grad_norm"))
         for epoch in range(cfg.epochs):
-            order = torch.randperm(B, generator=self.generator).to(self.device)
+            order = to_device(torch.randperm(B, generator=self.generator), self.device)
             for start in range(0, B, cfg.minibatch_size):
                 rows = order[start : start + cfg.minibatch_size]
                 mask = batch.mask[rows]
                 logprobs, token_entropy = self.token_outputs(batch, rows, with_entropy=epoch == 0)
                 if token_entropy is not None:  # epoch 0: the sampling policy's entropy
-                    stats["entropy"].append(masked_mean(token_entropy, mask).item())
+                    stats.add("entropy", masked_mean(token_entropy, mask))
                 loss, clipfrac, approx_kl = policy_gradient_loss(
                     logprobs, batch.logprobs[rows], advantages[rows], mask, cfg.clip_range, cfg.token_reduction
                 )
@@ -279,9 +281,9 @@ class SequencePolicyGradientAgent(ABC):
                 self.optimizer.step()
                 for key, value in (("policy_loss", loss), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
                                    ("grad_norm", grad_norm)):  # fmt: skip
-                    stats[key].append(float(value.detach()))
+                    stats.add(key, value)
         self.policy.eval()
-        return {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
+        return stats.means()  # the update's one wait on the device
 
     # ------------------------------------------------------------------------------ one iteration
     def iteration_step(self) -> dict[str, float]:

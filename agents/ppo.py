@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 from agents.rollout import Rollout, collect_rollout, generated_positions, iteration_stats, taken_logprobs
+from agents.update_stats import UpdateStats
 from agents.value_head import PolicyWithValueHead
+from textenv.host_transfer import to_device, to_host
 from textenv.policy_link import PolicyLink
 from textenv.sampling import SamplingConfig
 from textenv.static_decoding import DECODINGS
@@ -276,22 +278,20 @@ class PPOAgent:
 
         self.policy.train()
         B = batch.actions.shape[0]
-        stats: dict[str, list[float]] = {
-            k: [] for k in ("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ptx_loss", "entropy")
-        }
+        stats = UpdateStats(("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ptx_loss", "entropy"))
         accumulation = cfg.minibatch_size // cfg.micro_batch_size
         stop = False
         for _epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(B, generator=self.generator).to(self.device)
+            order = to_device(torch.randperm(B, generator=self.generator), self.device)
             for mb_start in range(0, B - cfg.minibatch_size + 1, cfg.minibatch_size):
                 self.optimizer.zero_grad(set_to_none=True)
-                epoch_kl = []
+                minibatch_kl = []
                 for micro in range(accumulation):
                     rows = order[mb_start + micro * cfg.micro_batch_size : mb_start + (micro + 1) * cfg.micro_batch_size]
                     m = mask[rows]
                     logprobs, values, token_entropy = self._token_outputs(batch, rows, with_entropy=_epoch == 0)
                     if token_entropy is not None:  # epoch 0: the policy as it sampled the batch
-                        stats["entropy"].append(masked_mean(token_entropy, m).item())
+                        stats.add("entropy", masked_mean(token_entropy, m))
                     pg_loss, clipfrac, approx_kl = clipped_policy_loss(
                         logprobs, batch.logprobs[rows], advantages[rows], m, cfg.clip_range
                     )
@@ -300,23 +300,24 @@ class PPOAgent:
                     if cfg.ptx_coef > 0:
                         ptx_loss = self._ptx_loss()
                         loss = loss + cfg.ptx_coef * ptx_loss
-                        stats["ptx_loss"].append(ptx_loss.item())
+                        stats.add("ptx_loss", ptx_loss)
                     (loss / accumulation).backward()
                     for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
                                        ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):  # fmt: skip
-                        stats[key].append(value.item())
-                    epoch_kl.append(approx_kl.item())
+                        stats.add(key, value)
+                    minibatch_kl.append(approx_kl.detach())
                 nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
-                if cfg.target_kl is not None and np.mean(epoch_kl) > 1.5 * cfg.target_kl:
-                    stop = True
-                    break
+                if cfg.target_kl is not None:  # a decision on the host: the one wait per minibatch, with target_kl
+                    (kl,) = to_host(torch.stack(minibatch_kl))
+                    if np.mean(kl.astype(np.float64)) > 1.5 * cfg.target_kl:
+                        stop = True
+                        break
             if stop:
                 break
         self.policy.eval()
         explained = 1 - torch.var(returns[mask.bool()] - batch.values[mask.bool()]) / torch.var(returns[mask.bool()]).clamp(min=1e-8)
-        out = {k: float(np.mean(v)) if v else 0.0 for k, v in stats.items()}
-        out["explained_variance"] = float(explained)
+        out = stats.means(explained_variance=explained)  # the update's one wait on the device
         out["early_stopped"] = float(stop)
         out["lr"] = self.optimizer.param_groups[0]["lr"]
         return out
