@@ -325,7 +325,7 @@ class PPOAgent:
     def _ptx_loss(self) -> torch.Tensor:
         """PPO-ptx: the LM's next-token loss on a batch of pretraining text."""
         assert self.ptx_batches is not None
-        ids, attn = (t.to(self.device) for t in self.ptx_batches())
+        ids, attn = (to_device(t, self.device) for t in self.ptx_batches())
         with self._autocast():
             logits, _ = self.policy(ids, attn)
         labels = ids[:, 1:].masked_fill(attn[:, 1:] == 0, -100)

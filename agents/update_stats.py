@@ -2,11 +2,12 @@
 
 A ``.item()`` (or ``float(tensor)``) is a wait on the GPU's queue: the host stops until the GPU has finished
 everything queued so far, and only then launches the next micro-batch's forward, so the GPU idles while
-that launch starts. PPO read six statistics per micro-batch that way (96 waits per iteration at batch 256
-with four minibatches of four micro-batches), the policy-gradient update five per minibatch. `UpdateStats`
+that launch starts. PPO read six statistics per micro-batch that way (96 waits per iteration in the batch-256
+benchmark: 4 epochs × 4 minibatches of one micro-batch), the policy-gradient update five per minibatch. `UpdateStats`
 keeps each value as a 0-d tensor and reads all of them with one wait (`textenv.host_transfer.to_host`),
-so nothing in an update waits on the GPU unless a decision needs a value (PPO's ``target_kl`` early stop).
-The means are those of the per-micro-batch values, as before, in float64 on the host.
+so textenv's own update code waits on the GPU only where a decision needs a value (PPO's ``target_kl``
+early stop). (transformers' SDPA mask creation still checks the padding mask on the host, about twice per
+forward.) The means are those of the per-micro-batch values, as before, in float64 on the host.
 """
 
 from __future__ import annotations

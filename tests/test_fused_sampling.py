@@ -51,9 +51,19 @@ def test_the_blocked_search_samples_the_distribution():
     assert frequency[probs == 0].sum() == 0
 
 
-def test_never_a_token_of_probability_zero():
+def compiled_search(logprobs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """`blocked_inverse_cdf` as rollouts run it: compiled (`FusedSampler.tokens`)."""
+    return FusedSampler(SamplingConfig()).tokens(logprobs, u)
+
+
+SEARCHES = pytest.mark.parametrize("search", [blocked_inverse_cdf, compiled_search], ids=["eager", "compiled"])
+
+
+@SEARCHES
+def test_never_a_token_of_probability_zero(search):
     """At the edges of ``u`` (0 and the largest float64 below 1), at every token's exact upper boundary, and
-    with mass only at the vocabulary's ends, in a block's middle, or in tokens far smaller than their neighbours."""
+    with mass only at the vocabulary's ends, in a block's middle, or in tokens far smaller than their neighbours.
+    A row with no mass at all gets the last token, as from `sample_tokens`, instead of an index error."""
     vocab = 3 * SEARCH_BLOCK + 11
     layouts = {
         "first only": [0],
@@ -67,7 +77,7 @@ def test_never_a_token_of_probability_zero():
         logprobs = torch.full((1, vocab), float("-inf"))
         logprobs[0, kept] = torch.log_softmax(torch.arange(len(kept), dtype=torch.float), 0)
         logprobs = logprobs.expand(3, -1).to(DEVICE)
-        tokens = blocked_inverse_cdf(logprobs, u_edges.view(-1, 1).to(DEVICE))
+        tokens = search(logprobs, u_edges.view(-1, 1).to(DEVICE))
         assert set(tokens.tolist()) <= set(kept), name
     # Mass spread over many scales, with zeros between: draw at each token's exact upper cumulative boundary.
     logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(1)) * 20
@@ -75,11 +85,15 @@ def test_never_a_token_of_probability_zero():
     logprobs = torch.log_softmax(logits, -1).to(DEVICE)
     cdf = logprobs.exp().double().cumsum(-1)[0]
     u = (cdf / cdf[-1]).clamp(max=1 - 2.0**-53).view(-1, 1)
-    tokens = blocked_inverse_cdf(logprobs.expand(vocab, -1), u)
+    tokens = search(logprobs.expand(vocab, -1), u)
     assert torch.isfinite(logprobs[0, tokens]).all()
+    no_mass = torch.full((3, vocab), float("-inf"), device=DEVICE)
+    no_mass[1] = float("nan")
+    assert search(no_mass, u_edges.view(-1, 1).to(DEVICE)).tolist() == [vocab - 1] * 3
 
 
-def test_a_target_between_two_roundings_of_a_blocks_mass_stays_in_the_block():
+@SEARCHES
+def test_a_target_between_two_roundings_of_a_blocks_mass_stays_in_the_block(search):
     """A block's sum (one reduction) and its cumulative sum (another order) round differently when its masses
     span many binary orders; a target between the two must not run past the block into one of zero mass."""
     for seed in range(50):
@@ -94,7 +108,7 @@ def test_a_target_between_two_roundings_of_a_blocks_mass_stays_in_the_block():
         while u < 1 and not running <= u * block_sum < block_sum:
             u = torch.nextafter(u, torch.ones_like(u))
         if running <= u * block_sum < block_sum:  # found a target in the gap
-            assert blocked_inverse_cdf(logprobs, u.view(1, 1)).item() < SEARCH_BLOCK
+            assert search(logprobs, u.view(1, 1)).item() < SEARCH_BLOCK
             return
     raise AssertionError("no block whose two sums round apart: the construction no longer tests the gap")
 
@@ -106,8 +120,8 @@ def test_the_compiled_sampler_matches_the_eager_distribution_and_draws(sampling)
         logits = random_logits(8, 1000, seed)
         expected = sampling.logprobs(logits)
         logprobs, tokens = sampler.logprobs_and_tokens(logits, draws(8, seed))
-        torch.testing.assert_close(logprobs, expected)
-        assert torch.equal(tokens, sample_tokens(expected, torch.Generator().manual_seed(seed)))
+        torch.testing.assert_close(logprobs, expected)  # the compiled log-softmax may round differently
+        assert torch.equal(tokens, sample_tokens(logprobs, torch.Generator().manual_seed(seed)))
         assert torch.equal(sampler.tokens(expected, draws(8, seed + 10)),
                            sample_tokens(expected, torch.Generator().manual_seed(seed + 10)))  # fmt: skip
 
@@ -122,7 +136,18 @@ def test_fused_sampling_is_on_by_default_only_for_compiled_decoding_on_cuda():
     assert not PolicyLink(None).fused_sampling
 
 
-def test_a_ppo_rollout_is_the_same_with_fused_sampling():
+def test_a_ppo_rollout_is_the_same_with_fused_sampling(monkeypatch):
+    calls = {"logprobs_and_tokens": 0, "tokens": 0}
+
+    def counted(name, method):
+        def wrapper(self, *args):
+            calls[name] += 1
+            return method(self, *args)
+
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(FusedSampler, name, counted(name, getattr(FusedSampler, name)))
     batches = []
     for fused in (True, False):
         env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=8, device=DEVICE, decoding="static")
@@ -132,6 +157,8 @@ def test_a_ppo_rollout_is_the_same_with_fused_sampling():
         batches.append(agent.rollout())
         assert (agent.link._fused_sampler is not None) == fused
     a, b = batches
+    # Every step of the fused rollout was one call from the logits (the distribution was not computed first).
+    assert calls == {"logprobs_and_tokens": int((a.mask.sum(0) > 0).sum()), "tokens": 0}
     assert torch.equal(a.actions, b.actions)
     for name in ("logprobs", "values", "rewards", "mask"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-6, rtol=0, msg=name)

@@ -26,6 +26,7 @@ def test_means_are_those_of_the_recorded_values():
     stats = UpdateStats(("loss", "never"))
     for v in values:
         stats.add("loss", v)
+    assert all(v.grad_fn is None for v in stats._values["loss"])  # a kept loss keeps no autograd graph alive
     out = stats.means(extra=torch.tensor(3.5))
     assert out == {"loss": np.mean([v.item() for v in values]), "never": 0.0, "extra": 3.5}
 

@@ -4,19 +4,24 @@ Why. Per token, the eager path (`SamplingConfig.logprobs`, then `textenv.samplin
 float32 copy of the logits, a log-softmax, an ``exp``, a float64 copy and a float64 cumulative sum over the
 whole vocabulary, then a binary search: each a kernel that reads and writes ``B × V`` numbers. At GPT-2's
 vocabulary and batch 256 that is about half a gigabyte of memory traffic per step, and in the H100 profile
-(docs/benchmarks.md, "GPU targets") the cumulative sum alone took 26 ms of a 128-step rollout, the two
-log-softmaxes 17 ms. Compiled as one function, inductor fuses the pointwise work into the reductions.
+(docs/benchmarks.md, "GPU targets") the cumulative sum alone took 26 ms of a 128-step rollout, and the
+policy's and the reference's log-softmaxes 17 ms together. Compiled as one function, inductor can fuse the
+pointwise work into the reductions.
 
 The search is blocked so that no cumulative sum runs over the whole vocabulary (`blocked_inverse_cdf`): the
 probabilities are summed per block of `SEARCH_BLOCK` tokens (the ``exp`` fused into a float64 reduction),
 the block sums' cumulative sum (a few hundred entries) picks the block, and a cumulative sum of that one
-block picks the token. It is the same inverse-CDF draw as `sample_tokens`, from the same single uniform
-number per row: the two pick different tokens only when that number falls within float64 rounding (about
-1e-16) of the boundary between two tokens. Like it, it never draws a token of probability 0.
+block picks the token. Given the same log-probs it is the same inverse-CDF draw as `sample_tokens`, from
+the same single uniform number per row: the two pick different tokens only when that number falls within
+float64 rounding (about 1e-16) of the boundary between two tokens. The compiled log-softmax itself may round
+differently from the eager one (by up to about 1e-5 at temperature 0.7 on the CPU), so against the eager
+path a draw differs about that rarely; the token always comes from the distribution that is kept for the
+KL term and PPO, so nothing is biased. Like `sample_tokens`, it never draws a token of probability 0.
 
 On the CPU a compiled call costs more than the few small kernels it replaces at textenv's test and benchmark
-sizes (a scratch loop: 15 µs eager vs 68 µs compiled at 4 × 1,000; 75 vs 187 µs at 64 × 1,000; 0.76 vs 0.96
-ms at 64 × 8,000), so `default_fused_sampling` turns it on only for ``compiled`` decoding on CUDA.
+sizes, and pays only from about a million logits per step (docs/benchmarks.md, "Fused sampling": 0.019 vs
+0.064 ms at 4 × 1,000, 0.99 vs 1.25 ms at 64 × 8,000, 30.5 vs 8.2 ms at 64 × 50,257), so
+`default_fused_sampling` turns it on only for ``compiled`` decoding on CUDA.
 """
 
 from __future__ import annotations
@@ -44,7 +49,10 @@ def blocked_inverse_cdf(logprobs: torch.Tensor, u: torch.Tensor, block: int = SE
     Every comparison is strict where it has to be, so a token of probability 0 is never picked: ``u < 1``
     makes the target below the total, so the chosen block's cumulative sum rises past it (the block holds
     mass); within the block the remainder is kept below the block's own sum (whose rounding may differ from
-    the block total's), and a cumulative sum that rises at a token means that token has mass.
+    the block total's), and a cumulative sum that rises at a token means that token has mass. That argument
+    assumes sums that add a zero unchanged; the indices are also clamped into the block and the vocabulary,
+    so that a row with no mass at all (all ``-inf`` or NaN, which `sample_tokens` also answers with the last
+    token) or a parallel scan's rounding can never index out of range.
     """
     rows, vocab = logprobs.shape
     blocks_per_row = -(-vocab // block)
@@ -54,14 +62,15 @@ def blocked_inverse_cdf(logprobs: torch.Tensor, u: torch.Tensor, block: int = SE
     blocks = probs.view(rows, blocks_per_row, block)
     block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # (B, blocks)
     target = u * block_cdf[:, -1:]  # < the total for u < 1
-    chosen = torch.searchsorted(block_cdf, target, right=True)  # (B, 1): first block whose cdf exceeds target
+    # (B, 1): the first block whose cdf exceeds the target (clamped: a row with no mass has none)
+    chosen = torch.searchsorted(block_cdf, target, right=True).clamp(max=blocks_per_row - 1)
     before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp(min=0)), 0.0)
     within = blocks.gather(1, chosen.unsqueeze(-1).expand(rows, 1, block)).squeeze(1)  # (B, block)
     within_cdf = within.cumsum(-1, dtype=torch.float64)
     # The remainder is >= 0 (block_cdf[chosen - 1] <= target); keep it below this block's own total.
     remainder = torch.minimum(target - before, torch.nextafter(within_cdf[:, -1:], torch.zeros_like(before)))
-    token = torch.searchsorted(within_cdf, remainder, right=True)
-    return (chosen * block + token).squeeze(-1)
+    token = torch.searchsorted(within_cdf, remainder, right=True).clamp(max=block - 1)
+    return (chosen * block + token).clamp(max=vocab - 1).squeeze(-1)
 
 
 def sampling_step(logits: torch.Tensor, u: torch.Tensor, sampling: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
