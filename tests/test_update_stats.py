@@ -18,7 +18,8 @@ from agents.update_stats import UpdateStats
 from agents.value_head import PolicyWithValueHead
 from textenv.toy import make_toy_env
 
-PROJECT = str(Path(agents.update_stats.__file__).resolve().parent.parent)  # the checkout agents/ and textenv/ live in
+_ROOT = Path(agents.update_stats.__file__).resolve().parent.parent  # the checkout (which may hold the venv too)
+PROJECT_CODE = (str(_ROOT / "agents"), str(_ROOT / "textenv"))
 
 
 def test_means_are_those_of_the_recorded_values():
@@ -41,7 +42,7 @@ def counted_reads(monkeypatch):
     def counting(name, fn):
         def wrapper(*args, **kwargs):
             caller = sys._getframe(1).f_code.co_filename  # torch's own reads (Adam's CPU step count) are not ours
-            counts[name] += PROJECT in caller
+            counts[name] += caller.startswith(PROJECT_CODE)
             return fn(*args, **kwargs)
 
         return wrapper
