@@ -22,6 +22,7 @@ from agents.ppo import PPOAgent, PPOConfig
 from agents.reinforce import ReinforceAgent, ReinforceConfig
 from agents.value_head import PolicyWithValueHead
 from textenv import PolicyLink
+from textenv.compile_cache import CompiledOrEager
 from textenv.errors import InvalidActionError
 from textenv.incremental import IncrementalLM
 from textenv.models import build_tiny_causal_lm, tiny_gpt2_config
@@ -376,3 +377,34 @@ def test_state_no_per_step_check_covers_gets_a_full_check():
         with context():
             a, b = eager.step(tokens), compiled.step(tokens)
         torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+
+
+def failing_backend(graph_module, example_inputs):
+    raise RuntimeError("this backend compiles nothing")
+
+
+def test_an_env_step_the_backend_cannot_compile_runs_eagerly():
+    """If the backend cannot compile the env step's tensor work (a device or version without a kernel for it),
+    the env warns once and runs it eagerly, with the numbers of an env that never compiled it."""
+    records = []
+    for decoding in ("compiled", "static"):
+        env = make_toy_env(3, autoreset_mode="Disabled", decoding=decoding, device=DEVICE)
+        if decoding == "compiled":
+            assert isinstance(env.engine._step_tensors, CompiledOrEager)
+            env.engine._step_tensors = CompiledOrEager(step_tensors, backend=failing_backend, fullgraph=True)
+        link = env.bind_policy(PolicyLink(toy_components(1)["model"].to(DEVICE), decoding="static"))
+        env.reset(seed=0)
+        gen, steps = torch.Generator().manual_seed(0), []
+        for t in range(env.engine.max_new_tokens):
+            first_compiled_step = decoding == "compiled" and t == 0
+            with pytest.warns(UserWarning, match="step_tensors could not be compiled") if first_compiled_step else contextlib.nullcontext():
+                _, rewards, terminated, _, info = env.step(link.sample(gen))
+            steps.append((rewards, info["kl"]))
+            if terminated.all():
+                break
+        records.append(steps)
+        if decoding == "compiled":
+            assert not env.engine._step_tensors.compiled
+    for (rewards_a, kl_a), (rewards_b, kl_b) in zip(*records, strict=True):
+        np.testing.assert_allclose(rewards_a, rewards_b, atol=1e-6)
+        np.testing.assert_allclose(kl_a, kl_b, atol=1e-6)

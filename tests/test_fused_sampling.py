@@ -8,6 +8,7 @@ where fused sampling is the default of a ``compiled`` link.
 """
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -180,3 +181,19 @@ def test_a_link_samples_provided_logprobs_and_a_changed_sampling_config():
     greedy = link.sample(torch.Generator().manual_seed(0))
     assert torch.equal(greedy, link.outputs().logits.argmax(-1))
     torch.testing.assert_close(link.logprobs(), SamplingConfig(top_k=1).logprobs(link.outputs().logits))
+
+
+def test_a_sampler_the_backend_cannot_compile_runs_eagerly():
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("this backend compiles nothing")
+
+    sampler = FusedSampler(SamplingConfig(top_k=5), backend=failing_backend)
+    logits = random_logits(4, 700, seed=8)
+    with pytest.warns(UserWarning, match="sampling_step could not be compiled"):
+        logprobs, tokens = sampler.logprobs_and_tokens(logits, draws(4, 0))
+    torch.testing.assert_close(logprobs, SamplingConfig(top_k=5).logprobs(logits))
+    assert torch.equal(tokens, sample_tokens(logprobs, torch.Generator().manual_seed(0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eager from now on: no second warning
+        logprobs_again, _ = sampler.logprobs_and_tokens(logits, draws(4, 1))
+    assert torch.equal(logprobs_again, logprobs)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.compile_cache import own_code_copy
+from textenv.compile_cache import CompiledOrEager
 from textenv.errors import InvalidActionError
 from textenv.host_transfer import index_on, to_device, to_host
 from textenv.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
@@ -153,11 +153,10 @@ class EpisodeBatch:
             max_new_tokens=max_new_tokens, kl_estimator=kl_estimator,
         )  # fmt: skip
         # With compiled decoding the step's device work is compiled too: a few fused kernels instead of ~30
-        # launches per step (`textenv.step_update`), in a dynamo cache of this env's own (`textenv.compile_cache`).
+        # launches per step (`textenv.step_update`), in a dynamo cache of this env's own, and eager again if
+        # the backend cannot compile it (`textenv.compile_cache`).
         self._step_tensors = (
-            torch.compile(own_code_copy(step_tensors), dynamic=False, fullgraph=True)
-            if decoding == "compiled"
-            else step_tensors
+            CompiledOrEager(step_tensors, dynamic=False, fullgraph=True) if decoding == "compiled" else step_tensors
         )
 
         B, L = num_rows, self.length

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from textenv.compile_cache import own_code_copy
+from textenv.compile_cache import CompiledOrEager
 from textenv.sampling import SamplingConfig
 
 SEARCH_BLOCK = 256
@@ -84,13 +84,17 @@ class FusedSampler:
 
     Static shapes, one graph each (``fullgraph``), inductor's default mode on every device: no CUDA graph, so
     the log-probs handed out are ordinary tensors that no later replay overwrites. Each instance compiles its
-    own copy of the code (`textenv.compile_cache`), so samplers of other shapes never share a dynamo cache.
+    own copy of the code, so samplers of other shapes never share a dynamo cache; if the backend cannot compile
+    one, it runs eagerly, with a warning (`textenv.compile_cache.CompiledOrEager`).
+
+    :param compile_options: ``torch.compile`` options (default: static shapes, one graph).
     """
 
-    def __init__(self, sampling: SamplingConfig) -> None:
+    def __init__(self, sampling: SamplingConfig, **compile_options) -> None:
         self.sampling = sampling
-        self._step = torch.compile(own_code_copy(sampling_step), dynamic=False, fullgraph=True)
-        self._search = torch.compile(own_code_copy(blocked_inverse_cdf), dynamic=False, fullgraph=True)
+        options = {"dynamic": False, "fullgraph": True, **compile_options}
+        self._step = CompiledOrEager(sampling_step, **options)
+        self._search = CompiledOrEager(blocked_inverse_cdf, **options)
 
     def logprobs_and_tokens(self, logits: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From the policy's logits: the sampling log-probs and the drawn tokens, in one call."""

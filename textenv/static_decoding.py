@@ -72,7 +72,7 @@ import torch
 from transformers import PreTrainedModel, StaticCache
 from transformers.cache_utils import StaticLayer
 
-from textenv.compile_cache import own_code_copy
+from textenv.compile_cache import FULLGRAPH_REFUSALS, own_code_copy
 from textenv.host_transfer import index_on
 from textenv.incremental import DEFAULT_RESERVE, IncrementalLM, StepOutput
 from textenv.models import pad_left_to, position_ids_from_mask
@@ -145,14 +145,6 @@ RECOMPILE_LIMIT = 128
 runs it eagerly (a ``guards_once_per_batch`` decoder, compiled with ``fullgraph``, first falls back to the
 usual compile). Capacities only grow within a decoder and windows are one per doubling, so a run reaches a
 few tens at most."""
-
-
-_FULLGRAPH_REFUSALS = tuple(
-    getattr(torch._dynamo.exc, name)
-    for name in ("Unsupported", "UserError", "UncapturedHigherOrderOpError", "FailOnRecompileLimitHit")
-    if hasattr(torch._dynamo.exc, name)
-)
-"""What ``fullgraph=True`` raises where the usual compile would break the graph or run eagerly."""
 
 
 def can_skip_guards() -> bool:
@@ -287,7 +279,7 @@ class StaticIncrementalLM(IncrementalLM):
                 self._guarded_windows.clear()  # raised before running anything: check in full below
         try:
             out = self._decode(*inputs)
-        except _FULLGRAPH_REFUSALS as error:
+        except FULLGRAPH_REFUSALS as error:
             if not self._fullgraph:
                 raise
             warnings.warn(
