@@ -193,6 +193,7 @@ def test_a_sampler_the_backend_cannot_compile_runs_eagerly():
         logprobs, tokens = sampler.logprobs_and_tokens(logits, draws(4, 0))
     torch.testing.assert_close(logprobs, SamplingConfig(top_k=5).logprobs(logits))
     assert torch.equal(tokens, sample_tokens(logprobs, torch.Generator().manual_seed(0)))
+    assert not sampler._step.compiled
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # eager from now on: no second warning
         logprobs_again, _ = sampler.logprobs_and_tokens(logits, draws(4, 1))

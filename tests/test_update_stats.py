@@ -2,6 +2,7 @@
 per micro-batch, which on a GPU would make the host wait for the queue before launching the next forward."""
 
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from agents.value_head import PolicyWithValueHead
 from textenv.toy import make_toy_env
 
 _ROOT = Path(agents.update_stats.__file__).resolve().parent.parent  # the checkout (which may hold the venv too)
-PROJECT_CODE = (str(_ROOT / "agents"), str(_ROOT / "textenv"))
+PROJECT_CODE = (str(_ROOT / "agents") + os.sep, str(_ROOT / "textenv") + os.sep)
 
 
 def test_means_are_those_of_the_recorded_values():

@@ -31,8 +31,15 @@ FULLGRAPH_REFUSALS: tuple[type[Exception], ...] = tuple(
 )
 """What ``fullgraph=True`` raises where the usual compile would break the graph or run eagerly."""
 
-COMPILE_FAILURES: tuple[type[Exception], ...] = (torch._dynamo.exc.BackendCompilerFailed, *FULLGRAPH_REFUSALS)
-"""What a ``fullgraph`` compile raises when it cannot compile a call: a refusal, or the backend failing."""
+COMPILE_FAILURES: tuple[type[Exception], ...] = (
+    torch._dynamo.exc.BackendCompilerFailed,  # inductor's codegen errors arrive as its subclass InductorError
+    *FULLGRAPH_REFUSALS,
+    *(getattr(torch._inductor.exc, name) for name in ("TritonMissing", "GPUTooOldForTriton")
+      if hasattr(torch._inductor.exc, name)),  # fmt: skip  (re-raised unwrapped by dynamo)
+)
+"""What a ``fullgraph`` compile raises when it cannot compile a call: a refusal, the backend failing, or no
+Triton for this GPU. Not caught: a kernel that fails when first launched (on a GPU, Triton compiles and
+autotunes some kernels then), which raises from inside the compiled call like any runtime error."""
 
 
 def own_code_copy(function: Callable[..., Any]) -> types.FunctionType:
@@ -47,10 +54,12 @@ def own_code_copy(function: Callable[..., Any]) -> types.FunctionType:
 
 class CompiledOrEager:
     """``function`` compiled on a code copy of its own (``torch.compile(..., **options)``), or run eagerly from
-    the first call whose compilation fails (`COMPILE_FAILURES`; warned once, never retried).
+    the first call whose compilation fails (`COMPILE_FAILURES`; warned once, never retried, also for shapes
+    that had compiled).
 
-    Only for pure tensor functions: a failed compile has run nothing, so the eager call that follows starts
-    from the same inputs.
+    Only for pure, out-of-place tensor functions compiled with ``fullgraph``: a compile that fails has run
+    none of the function, so the eager call that follows starts from the same inputs. (An exception the
+    function itself raises while being traced also stops the compiling; the eager call then raises it.)
     """
 
     def __init__(self, function: Callable[..., Any], **options: Any) -> None:
@@ -64,9 +73,10 @@ class CompiledOrEager:
                 return self._compiled(*args, **kwargs)
             except COMPILE_FAILURES as error:
                 self.compiled = False
-                first_line = str(error).splitlines()[0] if str(error) else ""
+                cause = getattr(error, "inner_exception", None) or error  # BackendCompilerFailed wraps the cause
+                first_line = str(cause).splitlines()[0] if str(cause) else ""
                 warnings.warn(
-                    f"{self.function.__name__} could not be compiled ({type(error).__name__}: {first_line}); "
+                    f"{self.function.__name__} could not be compiled ({type(cause).__name__}: {first_line}); "
                     "it runs eagerly from now on (same results, slower)",
                     stacklevel=2,
                 )

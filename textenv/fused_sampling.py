@@ -87,12 +87,12 @@ class FusedSampler:
     own copy of the code, so samplers of other shapes never share a dynamo cache; if the backend cannot compile
     one, it runs eagerly, with a warning (`textenv.compile_cache.CompiledOrEager`).
 
-    :param compile_options: ``torch.compile`` options (default: static shapes, one graph).
+    :param compile_options: more ``torch.compile`` options (static shapes by default; always one graph).
     """
 
     def __init__(self, sampling: SamplingConfig, **compile_options) -> None:
         self.sampling = sampling
-        options = {"dynamic": False, "fullgraph": True, **compile_options}
+        options = {"dynamic": False, **compile_options, "fullgraph": True}
         self._step = CompiledOrEager(sampling_step, **options)
         self._search = CompiledOrEager(blocked_inverse_cdf, **options)
 
