@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from textenv.kl import FixedKLController
 from textenv.policy_link import PolicyLink
 from textenv.rewards import RewardFunction, join_text
-from textenv.sampling import SamplingConfig, sample_tokens
+from textenv.sampling import SamplingConfig
 from textenv.vector_env import TextGenerationVectorEnv
 
 
@@ -90,7 +90,9 @@ def evaluate_policy(
         score = np.zeros(len(chunk))
         while not env.done.all():
             assert link is not None
-            _, _, _, _, info = env.step(sample_tokens(link.logprobs().cpu(), generator))
+            # Drawn on the policy's device (the generator's uniform numbers are copied there): a copy of the
+            # whole distribution to the host would be a wait and B × V floats per step on a GPU.
+            _, _, _, _, info = env.step(link.sample(generator))
             active = info["_kl"]
             kl[active] += info["kl"][active]
             ref_lp_sum[active] += info["ref_logprob"][active]

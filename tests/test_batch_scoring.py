@@ -1,6 +1,8 @@
 """Deferred scoring: one reward call per batch, and the same rewards once each score sits at its last token."""
 
 import copy
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -104,3 +106,23 @@ def test_evaluation_scores_each_chunk_once_and_right():
     samples = result.samples
     rescored = reward.inner.score([s["prompt"] for s in samples], [s["completion"] for s in samples])
     np.testing.assert_allclose([s["score"] for s in samples], rescored)
+
+
+def test_evaluation_keeps_the_distribution_on_its_device(monkeypatch):
+    """Evaluation draws through the link, on the policy's device: no host copy of the ``(B, V)`` distribution
+    per step (on a GPU each would be a wait and B × V floats)."""
+    from agents.evaluation import evaluate_policy
+    from textenv.toy import TOY_PROMPTS, toy_components
+
+    copies, cpu = [], torch.Tensor.cpu
+
+    def counting(self, *args, **kwargs):
+        if sys._getframe(1).f_code.co_filename.endswith(os.path.join("agents", "evaluation.py")) and self.ndim == 2:
+            copies.append(tuple(self.shape))
+        return cpu(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting)
+    parts = toy_components(0)
+    result = evaluate_policy(parts["model"], parts["model"], parts["tokenizer"], CountingReward(), TOY_PROMPTS, 6, 8,
+                             batch_size=4)  # fmt: skip
+    assert copies == [] and len(result.samples) == len(TOY_PROMPTS)
