@@ -10,8 +10,8 @@
 #                                              # deferred, ppo_deferred, fused (and the extras profile, components)
 #
 # Each compiled shape compiles once (tens of seconds on a GPU), so the whole suite can pass a 10-minute
-# limit per command: then run it in several calls, most decisive first: "tests deferred",
-# "fused update ppo_deferred", "rollout ppo", "scaling".
+# limit per command: then run it in several calls, most decisive first: "tests", "deferred fused",
+# "update ppo_deferred", "rollout ppo", "scaling".
 #
 # Output goes to $OUT (or benchmarks/results/), one log per benchmark, to be copied into docs/benchmarks.md.
 set -uo pipefail
