@@ -305,7 +305,8 @@ class PPOAgent:
                     for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", clipfrac),
                                        ("vf_clipfrac", vf_clipfrac), ("approx_kl", approx_kl)):  # fmt: skip
                         stats.add(key, value)
-                    minibatch_kl.append(approx_kl.detach())
+                    if cfg.target_kl is not None:  # kept for the early-stop decision below, only when it is made
+                        minibatch_kl.append(approx_kl.detach())
                 nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 if cfg.target_kl is not None:  # a decision on the host: the one wait per minibatch, with target_kl
