@@ -175,3 +175,115 @@ def test_engine_reset_rows_checks_rows_before_writing():
     for now, then in zip(engine.observation(), before, strict=True):
         np.testing.assert_array_equal(now, then)
     venv.step(np.array([3, 4, 5]))  # still usable
+
+
+def test_a_failing_reward_function_leaves_the_step_undone():
+    """A `RewardError` is raised before the step commits anything: the same step then succeeds and matches a
+    twin env that never failed, including the KL controller, and NextStep autoreset still resets the ended rows
+    (a row left ``done`` without its reset flag would sit out every later step)."""
+    from textenv.kl import AdaptiveKLController
+
+    failing = {"now": False}
+
+    def reward(prompts, completions):
+        return [float("nan") if failing["now"] else 1.0] * len(prompts)
+
+    def controller():
+        return AdaptiveKLController(0.2, target=1.0, horizon=10)
+
+    venv = make_toy_env(2, reward_fn=CallableReward(reward, name="flaky"), max_new_tokens=3, kl_coef=controller())
+    twin = make_toy_env(2, reward_fn=CallableReward(lambda p, c: [1.0] * len(p)), max_new_tokens=3, kl_coef=controller())
+    for env in (venv, twin):
+        env.reset(seed=0)
+        env.step(np.array([3, 4]))
+        env.step(np.array([5, 6]))
+    failing["now"] = True
+    with pytest.raises(RewardError, match="flaky"):
+        venv.step(np.array([7, 8]))  # the budget's last token: both episodes end and are scored
+    assert not venv.engine.done.any() and (venv.engine.gen_len == 2).all()
+    failing["now"] = False
+    got, want = venv.step(np.array([7, 8])), twin.step(np.array([7, 8]))
+    for key in got[0]:
+        np.testing.assert_array_equal(got[0][key], want[0][key])
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+    assert got[2].all() and want[2].all()
+    np.testing.assert_array_equal(got[4]["score"], [1.0, 1.0])
+    assert venv.engine.kl_controller.value == pytest.approx(twin.engine.kl_controller.value)
+    _, _, _, _, info = venv.step(np.array([3, 3]))
+    assert info["reset"].all()  # NextStep: both ended rows start new episodes
+
+
+def test_an_action_the_bound_policy_cannot_sample_is_refused():
+    """With top-k sampling, a token outside the top k has log-prob -inf: the k1 KL term would be -inf and the
+    reward +inf. The env refuses the action and changes nothing."""
+    from textenv.policy_link import PolicyLink
+    from textenv.sampling import SamplingConfig
+
+    venv, twin = make_toy_env(2), make_toy_env(2)
+    for env in (venv, twin):
+        env.bind_policy(PolicyLink(env.engine.ref_model, SamplingConfig(top_k=2)))
+        env.reset(seed=0)
+    logprobs = venv.engine.policy.logprobs()
+    possible = logprobs.argmax(-1).numpy()
+    impossible = possible.copy()
+    impossible[1] = int(logprobs[1].argmin())
+    assert logprobs[1, impossible[1]] == float("-inf")
+    with pytest.raises(InvalidActionError, match=f"action {impossible[1]} in row 1 has log-prob -inf"):
+        venv.step(impossible)
+    got, want = venv.step(possible), twin.step(possible)
+    assert np.isfinite(got[1]).all()
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+    np.testing.assert_array_equal(got[0]["input_ids"], want[0]["input_ids"])
+
+
+def test_episodes_longer_than_the_models_positions_are_refused():
+    """Else the episode fails mid-way with an index error deep in the model (a device-side assert on a GPU)."""
+    from textenv.models import build_tiny_causal_lm, tiny_gpt2_config
+
+    with pytest.raises(ValueError, match="= 70 exceeds the reference LM's 64 positions"):
+        make_toy_env(max_new_tokens=64)
+    env = make_toy_env(max_new_tokens=40)
+    short = build_tiny_causal_lm(tiny_gpt2_config(int(env.action_space.n), n_positions=32, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="= 46 exceeds the policy LM's 32 positions"):
+        env.bind_policy(short)
+    still_usable(env)
+
+
+def test_a_failed_reset_leaves_the_prompt_generators_alone():
+    """A refused reset (a bad prompt, a failure while starting the rows) must not reseed or advance the
+    generators: the prompts that follow are those of an env that never saw it."""
+    single, single_twin = make_toy_env(), make_toy_env()
+    venv, venv_twin = make_toy_env(3), make_toy_env(3)
+    for env in (single, single_twin, venv, venv_twin):
+        env.reset(seed=0)
+    with pytest.raises(PromptError, match="empty prompt"):
+        single.reset(seed=5, options={"prompt": "   "})
+    with pytest.raises(PromptError, match="empty prompt"):
+        venv.reset(seed=5, options={"prompts": ["the movie", "   ", "the plot"]})
+    for env in (single, venv):  # a failure after the generators were seeded and drawn from
+        original = env.engine.reset_rows
+        env.engine.reset_rows = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("failed to start"))
+        with pytest.raises(RuntimeError, match="failed to start"):
+            env.reset(seed=7)
+        with pytest.raises(RuntimeError, match="failed to start"):
+            env.reset()
+        env.engine.reset_rows = original
+    for env, twin in ((single, single_twin), (venv, venv_twin)):
+        for _ in range(3):
+            assert list(np.atleast_1d(env.reset()[1]["prompt"])) == list(np.atleast_1d(twin.reset()[1]["prompt"]))
+    assert venv.reset(seed=np.int64(3))[1]["prompt"].tolist() == venv_twin.reset(seed=3)[1]["prompt"].tolist()
+
+
+def test_a_score_deferring_batch_refuses_a_partial_reset_that_would_drop_a_score():
+    """A row that ended in a ``defer_scores`` batch awaits its score until the batch ends; a partial reset of
+    that batch would drop it (and score the new episode twice)."""
+    venv = make_toy_env(2, autoreset_mode="Disabled", max_new_tokens=3)
+    venv.reset(seed=0, options={"defer_scores": True})
+    eos = venv.engine.eos_id
+    _, _, terminated, _, _ = venv.step(np.array([eos, 3]))
+    assert terminated.tolist() == [True, False]
+    with pytest.raises(ValueError, match=r"rows \[0\] await theirs"):
+        venv.reset(options={"reset_mask": [True, False]})
+    venv.step(np.array([3, 3]))
+    _, _, terminated, _, info = venv.step(np.array([3, 3]))
+    assert terminated[1] and info["_score"].all() and np.isfinite(info["score"]).all()

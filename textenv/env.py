@@ -244,16 +244,24 @@ class TextGenerationEnv(EngineAccess, gym.Env):
         return {"input_ids": ids[0], "attention_mask": mask[0]}
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        super().reset(seed=seed)
         options = options or {}
         unknown = set(options) - {"prompt"}
         if unknown:
             raise ValueError(f"unknown reset options {sorted(unknown)}; supported: 'prompt'")
-        if "prompt" in options:
-            prompt = self.prompt_source.encode(options["prompt"])
-        else:
-            prompt = self.prompt_source.sample(self.np_random, 1)[0]
-        self.engine.reset_rows([0], [prompt])
+        prompt = self.prompt_source.encode(options["prompt"]) if "prompt" in options else None
+        # A reset that fails past this point leaves the generator as it was, so later prompts do not change.
+        before = (self._np_random, self._np_random_seed)
+        state = None if self._np_random is None else self._np_random.bit_generator.state
+        super().reset(seed=seed)
+        try:
+            if prompt is None:
+                prompt = self.prompt_source.sample(self.np_random, 1)[0]
+            self.engine.reset_rows([0], [prompt])
+        except Exception:
+            self._np_random, self._np_random_seed = before
+            if state is not None:
+                self._np_random.bit_generator.state = state  # type: ignore[union-attr]
+            raise
         return self._observation(), {"prompt": prompt.text}
 
     def _check_action(self, action: Any) -> int:

@@ -26,7 +26,7 @@ from textenv.compile_cache import CompiledOrEager
 from textenv.errors import InvalidActionError
 from textenv.host_transfer import index_on, to_device, to_host
 from textenv.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
-from textenv.models import action_space_size, model_device, pad_left
+from textenv.models import action_space_size, check_fits_positions, model_device, pad_left
 from textenv.policy_link import PolicyLink
 from textenv.prompts import Prompt
 from textenv.rewards import RewardFunction, join_text
@@ -117,6 +117,7 @@ class EpisodeBatch:
             raise ValueError(f"unknown kl_estimator {kl_estimator!r}; choose one of {KL_ESTIMATORS}")
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+        check_fits_positions(ref_model, max_prompt_tokens + max_new_tokens, "reference")
         for p in ref_model.parameters():
             p.requires_grad_(False)
         self.ref_model = ref_model.eval()
@@ -186,6 +187,7 @@ class EpisodeBatch:
                     f"policy and reference disagree on the action space: policy outputs {n} logits, "
                     f"reference {self.vocab_size}; they must share a tokenizer and vocabulary"
                 )
+            check_fits_positions(link.model, self.length, "policy")
         self.policy = link
         if link is not None and self.started:
             link.start(self.sequences(), self.max_new_tokens)
@@ -214,6 +216,11 @@ class EpisodeBatch:
             raise ValueError(f"{name} applies to a whole batch: reset every row")
         if self.defer_kl and not whole:
             raise ValueError("this batch defers its KL (no reference cache to splice rows into): reset every row")
+        if self.defer_scores and not whole and self._unscored:  # a new episode would drop an ended one's score
+            raise ValueError(
+                f"this batch defers its scores to its end and rows {self._unscored} await theirs: step the batch "
+                "to its end, or reset every row"
+            )
 
     def reset_rows(
         self, rows: Sequence[int], prompts: Sequence[Prompt], defer_scores: bool = False, defer_kl: bool = False
@@ -285,12 +292,13 @@ class EpisodeBatch:
         """Apply ``actions`` ``(B,)`` to the ``active`` rows; the others are left as they are.
 
         The step reads the device once (`to_host`): log-probs, KL, termination, the actions (to check
-        their range) and the new observation, all together. Nothing changes before that read, so an action
-        outside the action space raises `InvalidActionError` and leaves every row as it was. The reference
-        forward is queued after the read, so the GPU runs it while the host does its bookkeeping, and a
-        prefetching policy link (`PolicyLink.prefetch`) queues the policy's at the end of the step. A
-        deferred-KL batch (`reset_rows`) runs no reference forward here but one over the whole batch when it
-        ends.
+        their range) and the new observation, all together. Nothing changes before that read and the checks
+        after it, so an action outside the action space, or one the bound policy gives probability 0, raises
+        `InvalidActionError`, and a reward function that fails raises `RewardError`, leaving every row (and
+        the KL controller, and both models' caches) as it was. The reference forward is queued after those,
+        so the GPU runs it while the host does its bookkeeping, and a prefetching policy link
+        (`PolicyLink.prefetch`) queues the policy's at the end of the step. A deferred-KL batch (`reset_rows`)
+        runs no reference forward here but one over the whole batch when it ends.
         """
         B, V = self.num_rows, self.vocab_size
         raw = to_device(actions, self.device).long()
@@ -316,60 +324,72 @@ class EpisodeBatch:
         )  # fmt: skip
         beta = float(self.kl_controller.value)
 
-        # 3. one host read for everything the caller sees.
+        # 3. one host read for everything the caller sees; then every check, before anything is committed.
         host, raw_np, ids_np, mask_np = to_host(new.report, raw, new.ids, new.mask)
         low, high = int(raw_np.min()), int(raw_np.max())
         if low < 0 or high >= V:
             raise InvalidActionError(f"action {low if low < 0 else high} is outside the action space [0, {V})")
-        self.ids, self.mask, self.gen_len = new.ids, new.mask, new.gen_len
-        if self.defer_kl:
-            self._token_logprob = new.token_logprob
-        self._host_observation = (ids_np, mask_np)
         host = host.astype(np.float64)
         lp_np, ref_np, kl_np, term_np = host[0], host[1], host[2], host[3].astype(bool)
-
+        impossible = np.flatnonzero(active & ~np.isfinite(lp_np))
+        if len(impossible):  # else a KL of -inf (k1: a reward of +inf) or NaN would be returned as a reward
+            r = int(impossible[0])
+            raise InvalidActionError(
+                f"action {int(raw_np[r])} in row {r} has log-prob {lp_np[r]} under the bound policy's sampling "
+                "distribution (probability 0 under its top-k / top-p, or a non-finite distribution): "
+                "sample from link.logprobs()"
+            )
         lp_np[~active], ref_np[~active] = np.nan, np.nan
+        episode_totals = self.episode_kl.copy()
         if self.defer_kl:
             kl_np[:] = np.nan  # not known before the batch ends
             rewards = np.zeros(B)
         else:
             rewards = np.where(active, -beta * kl_np, 0.0)
-            self.episode_kl[active] += kl_np[active]
+            episode_totals[active] += kl_np[active]
+        ended = np.flatnonzero(term_np)
+        done = self.done.copy()
+        done[ended] = True
 
-        # 4. advance both models' caches with the actions, if anything continues.
+        # 4. the KL of a deferred batch once its last episode has ended; then the scores of every episode that
+        # ended, in one batch (or, deferring, of every episode once all ended). Still nothing committed: a
+        # reward function that fails (`RewardError`) leaves the env as it was before this step.
+        episode_kl = np.full(B, np.nan)
+        deferred = None
+        if not self.defer_kl:
+            episode_kl[ended] = episode_totals[ended]
+        elif len(ended) and done.all():  # the step that ended the batch's last episode
+            deferred, episode_totals[:] = self._deferred_kl(beta, new.ids, new.mask, new.token_logprob)
+            episode_kl[:] = episode_totals
+        unscored = [*self._unscored, *map(int, ended)] if self.defer_scores else []
+        deferred_now = np.array(unscored if done.all() else [], dtype=int)  # deferring: all, once all ended
+        to_score = deferred_now if self.defer_scores else ended
+        scores = np.full(B, np.nan)
+        completions: dict[int, str] = {}
+        if len(to_score):
+            prompt_texts = [self.prompts[r].text for r in to_score]  # type: ignore[union-attr]
+            texts = self.completion_texts(to_score.tolist(), (ids_np, mask_np))
+            completions = dict(zip(map(int, to_score), texts, strict=True))
+            scores[to_score] = self.reward_fn(prompt_texts, texts)
+            if not self.defer_scores:
+                rewards[to_score] += scores[to_score]
+            unscored = []
+
+        # 5. commit the step.
+        self.ids, self.mask, self.gen_len = new.ids, new.mask, new.gen_len
+        if self.defer_kl:
+            self._token_logprob = new.token_logprob
+        self._host_observation = (ids_np, mask_np)
+        self.done, self.episode_kl, self._unscored = done, episode_totals, unscored
+        if len(to_score):
+            self.last_scores[to_score] = scores[to_score]
+            self.kl_controller.update(float(self.episode_kl[to_score].mean()), len(to_score))
+        # advance both models' caches with the actions, if anything continues
         continuing = bool((active & ~term_np).any())
         if self.policy is not None:
             self.policy.advance(new.actions)
         if not self.defer_kl and continuing:
             self._ref_logits = self.reference.step(new.actions).logits
-
-        # 5. the KL of a deferred batch once its last episode has ended; then score every episode that
-        # ended, in one batch (or, deferring, every episode once all ended).
-        ended = np.flatnonzero(term_np)
-        self.done[ended] = True
-        episode_kl = np.full(B, np.nan)
-        deferred = None
-        if not self.defer_kl:
-            episode_kl[ended] = self.episode_kl[ended]
-        elif len(ended) and self.done.all():  # the step that ended the batch's last episode
-            deferred = self._deferred_kl(beta)
-            episode_kl[:] = self.episode_kl
-        if self.defer_scores:
-            self._unscored.extend(int(r) for r in ended)
-            to_score = np.array(self._unscored if self.done.all() else [], dtype=int)
-        else:
-            to_score = ended
-        scores = np.full(B, np.nan)
-        completions: dict[int, str] = {}
-        if len(to_score):
-            prompt_texts = [self.prompts[r].text for r in to_score]  # type: ignore[union-attr]
-            completions = dict(zip(map(int, to_score), self.completion_texts(to_score.tolist()), strict=True))
-            scores[to_score] = self.reward_fn(prompt_texts, [completions[int(r)] for r in to_score])
-            if not self.defer_scores:
-                rewards[to_score] += scores[to_score]
-            self._unscored = []
-            self.last_scores[to_score] = scores[to_score]
-            self.kl_controller.update(float(self.episode_kl[to_score].mean()), len(to_score))
 
         for r in np.flatnonzero(active) if self.record_history else ():
             self.history[r].append(
@@ -387,20 +407,20 @@ class EpisodeBatch:
             self.policy.prefetch()
         return StepResult(rewards, term_np, lp_np, ref_np, kl_np, beta, scores, completions, episode_kl, deferred)
 
-    def _deferred_kl(self, beta: float) -> DeferredKL:
-        """A finished deferred-KL batch's per-token terms, from one reference forward per chunk of rows.
-
-        Sets each episode's total KL (`episode_kl`) before the batch is scored and the controller moves.
-        """
-        assert self._token_logprob is not None
+    def _deferred_kl(
+        self, beta: float, ids: torch.Tensor, mask: torch.Tensor, token_logprob: torch.Tensor
+    ) -> tuple[DeferredKL, np.ndarray]:
+        """A finished deferred-KL batch's per-token terms, from one reference forward per chunk of rows, and each
+        episode's total KL; from the step's new state (``ids``, ``mask``, the policy's ``token_logprob``),
+        before it is committed."""
         P, T = self.max_prompt_tokens, self.max_new_tokens
-        ref = token_logprobs(self.ref_model, self.ids, self.mask, P, T)
-        kl = kl_penalty(self._token_logprob, ref, self.kl_estimator)
-        lp_np, ref_np, kl_np, generated = to_host(self._token_logprob, ref, kl, self.mask[:, P:].bool())
+        ref = token_logprobs(self.ref_model, ids, mask, P, T)
+        kl = kl_penalty(token_logprob, ref, self.kl_estimator)
+        lp_np, ref_np, kl_np, generated = to_host(token_logprob, ref, kl, mask[:, P:].bool())
         lp_np, ref_np, kl_np = (np.where(generated, a.astype(np.float64), np.nan) for a in (lp_np, ref_np, kl_np))
         # Past an episode's end there is nothing (NaN; reward 0). On its tokens a NaN stays NaN, as per token.
-        self.episode_kl[:] = np.where(generated, kl_np, 0.0).sum(1)
-        return DeferredKL(lp_np, ref_np, kl_np, np.where(generated, -beta * kl_np, 0.0))
+        totals = np.where(generated, kl_np, 0.0).sum(1)
+        return DeferredKL(lp_np, ref_np, kl_np, np.where(generated, -beta * kl_np, 0.0)), totals
 
     # ------------------------------------------------------------------------------------- text
     def completion_ids(self, row: int) -> torch.Tensor:
@@ -421,9 +441,12 @@ class EpisodeBatch:
     def completion_text(self, row: int) -> str:
         return self.decode(self.completion_ids(row))
 
-    def completion_texts(self, rows: Sequence[int]) -> list[str]:
-        """The generated text of ``rows``: from the step's host copy of the buffer, else read in one copy."""
+    def completion_texts(
+        self, rows: Sequence[int], observation: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> list[str]:
+        """The generated text of ``rows``: from ``observation`` (host ``ids``, ``mask``), else the step's host
+        copy of the buffer, else the buffer read in one copy."""
         P = self.max_prompt_tokens
-        ids, mask = self._host_observation or to_host(self.ids, self.mask)
+        ids, mask = observation or self._host_observation or to_host(self.ids, self.mask)
         lengths = mask[:, P:].sum(1)  # generated tokens follow the prompt slots contiguously
         return self.decode_batch([ids[r, P : P + lengths[r]].tolist() for r in rows])

@@ -190,6 +190,25 @@ def action_space_size(model: PreTrainedModel) -> int:
     return int(model.config.vocab_size)
 
 
+def position_limit(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model has position embeddings for (GPT-2's ``n_positions``, else
+    ``max_position_embeddings``), or None if its config names no limit."""
+    config = model.config
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def check_fits_positions(model: PreTrainedModel, length: int, role: str) -> None:
+    """Raise a clear error if episodes of ``length`` tokens (prompt slots + generation budget) would run past
+    the model's position embeddings: an index error deep in its forward, mid-episode, otherwise."""
+    limit = position_limit(model)
+    if limit is not None and length > limit:
+        raise ValueError(
+            f"max_prompt_tokens + max_new_tokens = {length} exceeds the {role} LM's {limit} positions; "
+            "lower one of them (or use a model with more positions)"
+        )
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of a model's first parameter."""
     return next(model.parameters()).device

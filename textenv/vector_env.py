@@ -164,21 +164,32 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
         if not self.engine.started and not mask.all():
             raise ValueError("the first reset must reset every row")
         self.engine.check_deferral(bool(mask.all()), defer, defer_kl)  # before any generator is drawn from
-        if seed is not None:
-            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, int) else list(seed)
-            if len(seeds) != self.num_envs:
-                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} envs")
-            for i in np.flatnonzero(mask):
-                self._row_rngs[i] = seeding.np_random(seeds[i])[0]
         rows = np.flatnonzero(mask)
+        prompts = None
         if "prompts" in options:
             texts = list(options["prompts"])
             if len(texts) != len(rows):
                 raise ValueError(f"got {len(texts)} prompts for {len(rows)} rows being reset")
             prompts = [self.prompt_source.encode(t) for t in texts]
-        else:
-            prompts = [self.prompt_source.sample(self._row_rngs[i], 1)[0] for i in rows]
-        self.engine.reset_rows(rows, prompts, defer_scores=defer, defer_kl=defer_kl)
+        seeds = None
+        if seed is not None:
+            seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, (int, np.integer)) else list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} envs")
+        # A reset that fails past this point leaves the rows' generators as they were (later prompts unchanged).
+        before = {int(i): (self._row_rngs[i], self._row_rngs[i].bit_generator.state) for i in rows}
+        try:
+            for i in rows if seeds is not None else ():
+                row_seed = seeds[i]  # type: ignore[index]
+                self._row_rngs[i] = seeding.np_random(None if row_seed is None else int(row_seed))[0]
+            if prompts is None:
+                prompts = [self.prompt_source.sample(self._row_rngs[i], 1)[0] for i in rows]
+            self.engine.reset_rows(rows, prompts, defer_scores=defer, defer_kl=defer_kl)
+        except Exception:
+            for i, (generator, state) in before.items():
+                generator.bit_generator.state = state
+                self._row_rngs[i] = generator
+            raise
         self._autoreset[rows] = False
         texts = np.array([p.text for p in self.engine.prompts], dtype=object)
         return self._observations(), {"prompt": texts, "_prompt": mask.copy()}
