@@ -288,8 +288,8 @@ class SequencePolicyGradientAgent(ABC):
     # ------------------------------------------------------------------------------ one iteration
     def iteration_step(self) -> dict[str, float]:
         """Rollout, advantages, update; returns the iteration's statistics (`TrainingRun`'s metrics line)."""
+        kl_coef = float(self.env.kl_controller.value)  # the β of this batch's rewards (the env may move it at the end)
         batch = self.rollout()
-        kl_coef = float(self.env.kl_controller.value)
         update_start = time.perf_counter()
         returns = episode_returns(batch)
         advantages = self.advantages(returns)

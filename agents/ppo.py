@@ -121,7 +121,7 @@ class PPOConfig:
     ppo_epochs: int = 4
     """Passes over each rollout batch."""
     minibatch_size: int = 16
-    """Episodes per optimizer step."""
+    """Episodes per optimizer step; if it does not divide the batch, each epoch's last minibatch is smaller."""
     micro_batch_size: int = 16
     """Episodes per forward/backward; ``minibatch_size / micro_batch_size`` is the gradient accumulation."""
     clip_range: float = 0.2
@@ -141,7 +141,8 @@ class PPOConfig:
     target_kl: float | None = None
     """Stop the epochs early when approximate KL exceeds 1.5 × this (None: never)."""
     missing_eos_penalty: float | None = None
-    """Subtract this from the last reward of episodes that hit the length budget without EOS."""
+    """Subtract this from the last reward of episodes that hit the length budget without EOS (or another of the
+    env's stop tokens, which end an episode as EOS does)."""
     ptx_coef: float = 0.0
     """PPO-ptx: weight of a pretraining LM loss mixed into each update (InstructGPT); 0 disables."""
     ptx_batch_size: int = 8
@@ -232,7 +233,8 @@ class PPOAgent:
         )  # fmt: skip
         env.bind_policy(self.link)
         env.reset(seed=self.config.seed)  # seeds each row's prompt generator (seed + row), as Gymnasium does
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.config.learning_rate, eps=1e-5)
+        # No weight decay, as TRL (transformers Trainer's default) and the policy-gradient agents; AdamW's own is 0.01.
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.config.learning_rate, eps=1e-5, weight_decay=0.0)
         self.generator = torch.Generator(device="cpu").manual_seed(self.config.seed)  # on CPU: same draws on any device
         self.iteration = 0
         if self.config.gradient_checkpointing:
@@ -249,7 +251,8 @@ class PPOAgent:
         if self.config.missing_eos_penalty is not None:
             lengths = batch.mask.sum(1).long()
             last = batch.actions.gather(1, (lengths - 1).clamp(min=0).view(-1, 1)).squeeze(1)
-            rows = torch.nonzero(last != self.env.engine.eos_id).squeeze(-1)
+            stops = torch.tensor(self.env.engine.stop_ids, device=last.device)  # EOS and the env's stop tokens
+            rows = torch.nonzero(~torch.isin(last, stops)).squeeze(-1)
             batch.rewards[rows, lengths[rows] - 1] -= self.config.missing_eos_penalty
         return batch
 
@@ -279,15 +282,16 @@ class PPOAgent:
         self.policy.train()
         B = batch.actions.shape[0]
         stats = UpdateStats(("policy_loss", "value_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ptx_loss", "entropy"))
-        accumulation = cfg.minibatch_size // cfg.micro_batch_size
         stop = False
         for _epoch in range(cfg.ppo_epochs):
             order = to_device(torch.randperm(B, generator=self.generator), self.device)
-            for mb_start in range(0, B - cfg.minibatch_size + 1, cfg.minibatch_size):
+            for mb_start in range(0, B, cfg.minibatch_size):  # every episode, each epoch (the last minibatch may be short)
+                minibatch = order[mb_start : mb_start + cfg.minibatch_size]
                 self.optimizer.zero_grad(set_to_none=True)
                 minibatch_kl = []
-                for micro in range(accumulation):
-                    rows = order[mb_start + micro * cfg.micro_batch_size : mb_start + (micro + 1) * cfg.micro_batch_size]
+                for micro_start in range(0, len(minibatch), cfg.micro_batch_size):
+                    rows = minibatch[micro_start : micro_start + cfg.micro_batch_size]
+                    accumulation = len(minibatch) / len(rows)  # the micro-batch's share of the minibatch's mean
                     m = mask[rows]
                     logprobs, values, token_entropy = self._token_outputs(batch, rows, with_entropy=_epoch == 0)
                     if token_entropy is not None:  # epoch 0: the policy as it sampled the batch
@@ -335,8 +339,8 @@ class PPOAgent:
     # ------------------------------------------------------------------------------ 4. one iteration
     def iteration_step(self) -> dict[str, float]:
         """Rollout + update; returns the iteration's statistics."""
+        kl_coef = float(self.env.kl_controller.value)  # the β of this batch's rewards (the env may move it at the end)
         batch = self.rollout()
-        kl_coef = float(self.env.kl_controller.value)
         update_start = time.perf_counter()
         stats = self.update(batch)
         self.iteration += 1

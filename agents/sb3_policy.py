@@ -47,6 +47,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from transformers import PreTrainedModel
 
+from agents.value_head import disable_dropout
 from textenv.models import position_ids_from_mask
 from textenv.policy_link import PolicyLink
 
@@ -161,6 +162,7 @@ class LMPolicy(ActorCriticPolicy):
         """The LM (actor), a value head on its last hidden state (critic), and the optimizer over both."""
         lm, value_init_std = self._init_args
         del self._init_args
+        disable_dropout(lm)  # SB3 evaluates in train mode what it sampled in eval mode: the ratio needs one function
         self.lm = lm.train()
         for p in self.lm.parameters():
             p.requires_grad_(True)

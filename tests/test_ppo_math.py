@@ -96,3 +96,59 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 def test_invalid_config_values_fail_at_start(field, value):
     with pytest.raises(ValueError, match=field):
         PPOConfig(**{field: value})
+
+
+# ------------------------------------------------------------------------------------------ the agent's loop
+def toy_ppo(num_envs=8, env_kwargs=None, **config):
+    import copy
+
+    from agents.ppo import PPOAgent
+    from agents.value_head import PolicyWithValueHead
+    from textenv.toy import make_toy_env
+
+    env = make_toy_env(num_envs, autoreset_mode="Disabled", **{"max_new_tokens": 4, "kl_coef": 0.05, **(env_kwargs or {})})
+    policy = PolicyWithValueHead(copy.deepcopy(env.reference_model))
+    return PPOAgent(policy, env, PPOConfig(**{"minibatch_size": 4, "micro_batch_size": 4, **config}))
+
+
+def test_every_episode_is_trained_on_when_the_minibatch_does_not_divide_the_batch():
+    """12 episodes in minibatches of 8: each epoch trains on all 12 (8, then 4), as SB3 does, not on 8."""
+    agent = toy_ppo(12, minibatch_size=8, micro_batch_size=4, ppo_epochs=2)
+    seen, steps = [], []
+    token_outputs, optimizer_step = agent._token_outputs, agent.optimizer.step
+
+    def spy(batch, rows, *args, **kwargs):
+        seen.append(rows.tolist())
+        return token_outputs(batch, rows, *args, **kwargs)
+
+    agent._token_outputs = spy
+    agent.optimizer.step = lambda *a, **k: (steps.append(1), optimizer_step(*a, **k))[1]
+    agent.update(agent.rollout())
+    assert [len(rows) for rows in seen] == [4, 4, 4] * 2  # micro-batches: 8 = 4 + 4, then the short 4
+    for epoch in (seen[:3], seen[3:]):
+        assert sorted(sum(epoch, [])) == list(range(12))
+    assert len(steps) == 4  # two optimizer steps per epoch
+
+
+def test_missing_eos_penalty_spares_episodes_that_end_on_a_stop_token():
+    """The env ends an episode on EOS or a stop token alike; only episodes cut off by the budget are penalised."""
+    stop_words = ["the", "movie", "was", "a", "good", "plot"]
+    env_kwargs = {"stop_tokens": stop_words, "max_new_tokens": 3}
+    plain = toy_ppo(16, env_kwargs=env_kwargs, seed=1)
+    penalised = toy_ppo(16, env_kwargs=env_kwargs, seed=1, missing_eos_penalty=1.0)
+    batch, penalised_batch = plain.rollout(), penalised.rollout()
+    torch.testing.assert_close(batch.actions, penalised_batch.actions)
+    lengths = batch.mask.sum(1).long()
+    last = batch.actions.gather(1, (lengths - 1).view(-1, 1)).squeeze(1)
+    on_stop = torch.isin(last, torch.tensor(plain.env.engine.stop_ids))
+    assert on_stop.any() and (~on_stop).any()  # both kinds in the batch
+    difference = (batch.rewards - penalised_batch.rewards).sum(1)
+    torch.testing.assert_close(difference, (~on_stop).float())
+
+
+def test_the_logged_kl_coef_is_the_one_the_batch_was_rewarded_with():
+    """An adaptive β moves when the batch ends; the metrics must show the β this batch's rewards used."""
+    agent = toy_ppo(4, env_kwargs={"kl_coef": AdaptiveKLController(0.2, target=0.01, horizon=10)})
+    stats = agent.iteration_step()
+    assert stats["kl_coef"] == pytest.approx(0.2)
+    assert agent.env.kl_controller.value != pytest.approx(0.2)  # it moved after the batch

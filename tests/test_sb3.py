@@ -243,3 +243,24 @@ def test_example_runs(monkeypatch, capsys):
     runpy.run_path("examples/sb3_training.py", run_name="__main__")
     out = capsys.readouterr().out
     assert "score before:" in out and "score after:" in out
+
+
+def test_lm_policy_turns_dropout_off():
+    """SB3 samples with the policy in eval mode and evaluates it in train mode: with dropout on, the PPO ratio
+    would not be 1 before any update (released GPT-2 checkpoints have dropout 0.1)."""
+    vec_env = vec_toy(n_envs=2)
+    reference = vec_env.envs[0].unwrapped.reference_model
+    dropouts = [m for m in reference.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts
+    for module in dropouts:
+        module.p = 0.1  # the policy is built from this model (LMPolicy copies it)
+    policy = lm_ppo(vec_env).policy
+    obs = vec_env.reset()
+    obs_tensor, _ = policy.obs_to_tensor(obs)
+    actions = torch.tensor([3, 4])
+    policy.set_training_mode(False)
+    _, eval_logp, _ = policy.evaluate_actions(obs_tensor, actions)
+    policy.set_training_mode(True)
+    _, train_logp, _ = policy.evaluate_actions(obs_tensor, actions)
+    torch.testing.assert_close(train_logp, eval_logp)
+    assert all(m.p == 0 for m in policy.lm.modules() if isinstance(m, torch.nn.Dropout))
