@@ -336,7 +336,18 @@ def run_one(algo: str, task: str, seed: int, budget: int, out_dir: str | Path,
     settings = settings or BenchmarkSettings()
     run_dir = run_dir_of(out_dir, task, algo, seed)
     if (run_dir / RESULT_FILE).exists():
-        return json.loads((run_dir / RESULT_FILE).read_text())
+        result = json.loads((run_dir / RESULT_FILE).read_text())
+        asked = {"iterations": 0 if algo == REFERENCE else budget, "settings": json.loads(json.dumps(asdict(settings)))}
+        for key in ("iterations", "settings"):  # a table must not mix runs of two budgets or settings
+            old, new = result.get(key), asked[key]
+            if key == "settings" and isinstance(old, dict):  # the checkpoint interval changes no result
+                old, new = ({k: v for k, v in d.items() if k != "checkpoint_every"} for d in (old, new))
+            if old != new:
+                raise ValueError(
+                    f"{run_dir / RESULT_FILE} holds a run with {key} {old}, not {new}: use another output folder "
+                    "for these settings, or remove the old results"
+                )
+        return result
     started = time.perf_counter()
     world = task_world(task, settings)
     if algo == REFERENCE:  # no training: the starting point every algorithm is compared with

@@ -126,7 +126,27 @@ def _stages_1_2(cfg: RLHFConfig, run_dir: Path, progress: bool, console: Console
         console.print(json.dumps({k: v for k, v in metrics.items() if k != "budget"}, indent=1))
     built = json.loads((models / "build.json").read_text())
     rm_path = models / "rm" if (models / "rm" / "config.json").exists() else None
-    return built.get("lm", str(models / "lm")), rm_path
+    return built.get("lm") or models / "lm", rm_path  # "lm": null when built into models/lm
+
+
+RESUMABLE_CHANGES = ("run_dir", "iterations", "decoding", "checkpoint_every")
+"""`RLHFConfig` fields a resumed run may change: more iterations, another decode path (same numbers to float
+tolerance), another checkpoint interval. Any other change would mix the artefacts of two settings."""
+
+
+def check_same_run(cfg: RLHFConfig, run_dir: Path) -> None:
+    """Refuse to resume ``run_dir`` with settings other than those it was started with (its ``rlhf_config.json``):
+    its built models, checkpoints and metrics would silently belong to the old ones."""
+    path = run_dir / "rlhf_config.json"
+    if not path.exists():
+        return
+    before, now = json.loads(path.read_text()), json.loads(json.dumps(asdict(cfg)))
+    changed = sorted(k for k in now.keys() | before.keys() if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"{run_dir} was started with other settings ({diff}); resume it with its own, or start a new run folder"
+        )
 
 
 def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, console: Console | None = None) -> dict[str, Any]:
@@ -138,6 +158,8 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise FileExistsError(f"run folder {run_dir} is not empty: pass resume=True (--resume) or pick another")
+    if resume:
+        check_same_run(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "rlhf_config.json", asdict(cfg))
     torch.manual_seed(cfg.seed)
@@ -172,7 +194,7 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
         )  # fmt: skip
 
     run = TrainingRun(agent, run_dir / "ppo", cfg.checkpoint_every, evaluate, {"task": cfg.task, "lm": str(lm_path), "rm": str(rm_path)})
-    run.train(cfg.iterations, resume=resume and (run_dir / "ppo" / "latest.json").exists(), progress=progress)
+    run.train(cfg.iterations, resume=resume, progress=progress)  # (killed before its first checkpoint: starts over)
     before = json.loads((run_dir / "ppo" / "eval_before.json").read_text())
     after = json.loads((run_dir / "ppo" / "eval_after.json").read_text())
     summary = summarize(before, after, cfg)

@@ -37,6 +37,17 @@ def test_parse_answer() -> None:
     assert parse_answer("2", 4) == [1]
     assert parse_answer("t", 2) == "tie" and parse_answer("S", 2) == "skip" and parse_answer("q", 2) == "quit"
     assert parse_answer("5", 2) is None and parse_answer("1 1", 3) is None and parse_answer("x", 2) is None
+    assert parse_answer("2,1,3", 3) == [1, 0, 2] == parse_answer("2, 1, 3", 3)
+    # From ten completions on, digits are not split: "12" is the twelfth, "10" the tenth.
+    assert parse_answer("12", 12) == [11] and parse_answer("10", 12) == [9] and parse_answer("1 12", 12) == [0, 11]
+
+
+def test_the_command_line_refuses_what_it_could_not_label() -> None:
+    """One completion per prompt (or no prompt) makes records that `train-rm` and `label` reject afterwards."""
+    from textenv.cli import main
+
+    assert main(["sample", "--task", "arithmetic", "--k", "1", "--out", "unused.jsonl"]) == 2
+    assert main(["sample", "--task", "arithmetic", "--n", "0", "--out", "unused.jsonl"]) == 2
 
 
 def test_labels_are_written_and_resumed(tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
 """The main job, end to end on a tiny budget: run folder, summary, resume, and bad configurations."""
 
 import json
+import shutil
 
 import pytest
 
 from agents.pipeline import RLHFConfig, run_rlhf
+from agents.run import TIMING_KEYS
 from textenv.cli import main
 
 TINY = dict(
@@ -12,6 +14,12 @@ TINY = dict(
     stage_budget={"n_prompts": 60, "k": 2, "rm_steps": 20, "pretrain": {"n_docs": 400, "n_heldout": 50, "steps": 30}},
     ppo={"minibatch_size": 4, "micro_batch_size": 4, "ppo_epochs": 1},
 )  # fmt: skip
+
+
+def untimed(metrics_path):
+    """A run's metrics lines without their timings."""
+    lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in lines]
 
 
 def test_main_job_tiny_budget_and_resume(tmp_path):
@@ -33,6 +41,18 @@ def test_main_job_tiny_budget_and_resume(tmp_path):
     metrics = (root / "ppo" / "metrics.jsonl").read_text()
     run_rlhf(cfg, resume=True, progress=False)
     assert (root / "ppo" / "metrics.jsonl").read_text() == metrics
+    # Resuming with other settings would mix two runs' artefacts: refused, naming what changed.
+    other = RLHFConfig(run_dir=str(tmp_path / "run"), **{**TINY, "seed": 1, "num_envs": 4})
+    with pytest.raises(ValueError, match=r"num_envs: 8 -> 4, seed: 0 -> 1"):
+        run_rlhf(other, resume=True, progress=False)
+    # Killed in stage 3 before its first checkpoint (no latest.json yet, but metrics lines): resuming starts
+    # PPO over instead of refusing the folder.
+    untimed_before = untimed(root / "ppo" / "metrics.jsonl")
+    (root / "ppo" / "latest.json").unlink()
+    for checkpoint in (root / "ppo").glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    run_rlhf(cfg, resume=True, progress=False)
+    assert untimed(root / "ppo" / "metrics.jsonl") == untimed_before  # the same iterations, run again
     # Starting from a user's LM folder and preference file: no pretraining, no simulated labels.
     lm, prefs = root / "models" / "lm", root / "models" / "preferences.jsonl"
     own = RLHFConfig(run_dir=str(tmp_path / "own"), lm=str(lm), preferences=str(prefs), **TINY)
@@ -55,6 +75,10 @@ def test_bad_main_job_configs(tmp_path):
     # The command line passes --decoding through to the same check (exit code 2, the message on stderr).
     assert main(["rlhf", "--run-dir", str(tmp_path / "e"), "--decoding", "fast"]) == 2
     assert not (tmp_path / "e").exists()
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "notes.txt").write_text("mine")
+    assert main(["rlhf", "--run-dir", str(tmp_path / "f")]) == 2  # a non-empty folder: an error line, no traceback
+    assert (tmp_path / "f" / "notes.txt").read_text() == "mine"
 
 
 def test_main_job_on_a_task_with_a_programmatic_reward(tmp_path):

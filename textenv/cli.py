@@ -58,7 +58,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm", type=Path, help="LM folder to sample from (default: the task's default LM)")
     p.add_argument("--n", type=int, default=100, help="number of prompts")
-    p.add_argument("--k", type=int, default=2, help="completions per prompt")
+    p.add_argument("--k", type=int, default=2, help="completions per prompt (at least 2)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -70,6 +70,8 @@ def _sample(args: argparse.Namespace) -> list:
     from textenv.tasks import get_task
     from textenv.tasks.artifacts import task_models
 
+    if args.n < 1 or args.k < 2:  # preference records need a prompt and two completions to compare
+        raise ValueError(f"--n must be >= 1 and --k >= 2 (completions to compare), got --n {args.n} --k {args.k}")
     task = get_task(args.task)
     lm_dir = args.lm or task_models(args.task, progress=True)[0]
     lm, tokenizer = load_causal_lm(lm_dir), load_tokenizer(lm_dir)
@@ -361,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as exc:  # ModelLoadError, PreferenceFormatError, CorpusFormatError and bad arguments
+    except (ValueError, FileExistsError) as exc:  # ModelLoadError, PreferenceFormatError, CorpusFormatError, bad
+        # arguments, and a run or cache folder that is already there
         print(f"textenv {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

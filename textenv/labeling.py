@@ -58,8 +58,9 @@ def labelled_keys(path: str | Path) -> set[str]:
 def parse_answer(answer: str, k: int) -> list[int] | str | None:
     """Turn a typed answer into a ranking (0-based, best first), ``"tie"``, ``"skip"``, ``"quit"``, or None.
 
-    For K = 2, ``1`` or ``2`` names the better one. For K > 2, ``2 1 3`` (or ``213``) is a ranking, best first;
-    a single number names the best only (it is ranked above the others, which stay unordered).
+    For K = 2, ``1`` or ``2`` names the better one. For K > 2, ``2 1 3`` (or ``2,1,3``, or ``213`` while K < 10)
+    is a ranking, best first; a single number names the best only (it is ranked above the others, which stay
+    unordered). From K = 10 on, ``12`` is the twelfth completion, not a ranking of the first two.
     """
     text = answer.strip().lower()
     if text in ("t", "tie"):
@@ -68,8 +69,8 @@ def parse_answer(answer: str, k: int) -> list[int] | str | None:
         return "skip"
     if text in ("q", "quit"):
         return "quit"
-    tokens = text.split() if " " in text or "," in text else list(text)
-    tokens = [t for t in (tok.strip(",") for tok in tokens) if t]
+    text = text.replace(",", " ")
+    tokens = text.split() if " " in text or k >= 10 else list(text)
     if not tokens or not all(t.isdigit() for t in tokens):
         return None
     ranking = [int(t) - 1 for t in tokens]

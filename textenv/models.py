@@ -270,12 +270,13 @@ def save_model_folder(out_dir: str | Path, model: PreTrainedModel, tokenizer: Pr
     :param result: a dataclass of measured numbers (its ``model`` and ``out_dir`` fields are left out).
     """
     import json
-    from dataclasses import asdict
+    from dataclasses import fields
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    metrics = {k: v for k, v in asdict(result).items() if k not in ("model", "out_dir")}
+    # Field by field: `asdict` of the whole result would deep-copy its model first (twice the model's memory).
+    metrics = {f.name: getattr(result, f.name) for f in fields(result) if f.name not in ("model", "out_dir")}
     (out_dir / metrics_file).write_text(json.dumps(metrics, indent=2) + "\n")
     return out_dir

@@ -123,8 +123,11 @@ def build_task_models(
         lm = out_dir / "lm"
     t_lm = time.perf_counter() - started
     model, tokenizer = load_causal_lm(lm), load_tokenizer(lm)
+    # build.json's "lm": null when stage 1 built it into lm/ beside the file (which may move, as a finished
+    # cache build does), else the user's LM as an absolute path (resumable from any folder) or a hub name.
+    source = None if lm == out_dir / "lm" else str(Path(lm).resolve()) if Path(lm).exists() else str(lm)
     if not task.learned_reward:
-        return _write_lm_only_metrics(task, model, tokenizer, budget, seed, out_dir, str(lm), lm_metrics, started, t_lm, progress)
+        return _write_lm_only_metrics(task, model, tokenizer, budget, seed, out_dir, source, lm_metrics, started, t_lm, progress)
     if records is None:
         prompts = task.prompts(np.random.default_rng([seed, 5]), budget.n_prompts)
         completions = sample_completions(model, tokenizer, prompts, budget.k, task.max_new_tokens, seed=seed, progress=progress)
@@ -142,7 +145,7 @@ def build_task_models(
     metrics = {
         "task": task_name,
         "seed": seed,
-        "lm": str(lm),
+        "lm": source,
         **lm_metrics,
         "lm_mean_gold_reward": float(gold.mean()),
         "rm_heldout_accuracy": rm_result.heldout_accuracy,
@@ -162,7 +165,7 @@ def build_task_models(
 
 
 def _write_lm_only_metrics(
-    task: Task, model: Any, tokenizer: Any, budget: TaskBudget, seed: int, out_dir: Path, lm: str,
+    task: Task, model: Any, tokenizer: Any, budget: TaskBudget, seed: int, out_dir: Path, lm: str | None,
     lm_metrics: dict[str, Any], started: float, t_lm: float, progress: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """``build.json`` of a stage-1-only build: the LM's gold reward on sampled completions, and times."""
@@ -200,7 +203,7 @@ def task_models(task_name: str, home: str | Path | None = None, progress: bool =
     target = home / task_name
     if not _complete(target, task):
         if target.exists():
-            raise RuntimeError(f"{target} exists but is not a complete textenv build; remove it to rebuild")
+            raise FileExistsError(f"{target} exists but is not a complete textenv build; remove it to rebuild")
         home.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{task_name}-building-", dir=home))
         try:
