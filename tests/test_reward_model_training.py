@@ -80,3 +80,25 @@ def test_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty.write_text("")
     assert main(["train-rm", "--preferences", str(empty), "--lm", str(tmp_path), "--out", str(tmp_path / "rm")]) == 2
     assert "empty.jsonl: file has no records" in capsys.readouterr().err
+
+
+def test_training_reads_the_tokens_the_scorer_reads_with_a_bos_tokenizer() -> None:
+    """A tokenizer that adds special tokens (a BOS, as Llama's does): the RM is trained (`score_texts`, the
+    training path's encoding) on the same sequences `RewardModelScorer` scores it on."""
+    from tokenizers.processors import TemplateProcessing
+
+    from textenv.models import build_tiny_reward_model, tiny_gpt2_config
+    from textenv.rewards import RewardModelScorer
+
+    tokenizer = SentimentTask().tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<bos>"})
+    bos = tokenizer.convert_tokens_to_ids("<bos>")
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    texts = ["review : it was good .", "review : the acting was not very good . i hated the songs ."]
+    assert tokenizer(texts[0])["input_ids"][0] == bos
+    config = tiny_gpt2_config(len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    config.pad_token_id = tokenizer.pad_token_id
+    model = build_tiny_reward_model(config, seed=0).eval()
+    trained_on = score_texts(model, tokenizer, texts)
+    scored = RewardModelScorer(model, tokenizer, normalize=False).raw_scores(texts).numpy()
+    np.testing.assert_allclose(trained_on, scored, rtol=1e-5, atol=1e-6)

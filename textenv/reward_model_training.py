@@ -89,7 +89,9 @@ def _scores(model: PreTrainedModel, seqs: Sequence[list[int]], pad_id: int) -> t
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    # With the tokenizer's special tokens (a BOS, say), as `textenv.rewards.RewardModelScorer` scores: the RM must
+    # read at training the token sequences it is scored on.
+    encoded = tokenizer(list(texts))["input_ids"]
     out = []
     for text, ids in zip(texts, encoded, strict=True):
         if not ids:
