@@ -62,6 +62,17 @@ def test_adaptive_kl_update():
     assert controller.value == pytest.approx(0.102 * (1 - 0.1 * 50 / 100))
 
 
+def test_a_negative_or_nan_kl_coefficient_is_refused():
+    from textenv.kl import FixedKLController
+    from textenv.toy import make_toy_env
+
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="KL coefficient must be >= 0"):
+            FixedKLController(bad)
+        with pytest.raises(ValueError, match="KL coefficient must be >= 0"):
+            make_toy_env(kl_coef=bad)
+
+
 def test_top_k_temperature_logprobs_match_the_sampling_distribution():
     logits = torch.tensor([[1.0, 2.0, 3.0, 0.5]])
     sampling = SamplingConfig(temperature=0.5, top_k=2)

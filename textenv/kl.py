@@ -58,6 +58,10 @@ class FixedKLController:
 
     value: float = 0.1
 
+    def __post_init__(self) -> None:
+        if not self.value >= 0:  # a negative β would reward drifting away from the reference
+            raise ValueError(f"the KL coefficient must be >= 0, got {self.value}")
+
     def update(self, kl: float, n_episodes: int) -> None:
         """Nothing to adapt; present so both controllers share one interface."""
 
