@@ -98,6 +98,33 @@ def test_next_step_autoreset_resets_only_finished_rows_and_keeps_kl_exact():
     assert saw_reset
 
 
+def test_next_step_infos_match_gymnasiums_sync_vector_env():
+    """NextStep autoreset as gymnasium's own `SyncVectorEnv` over single envs reports it, infos included: an
+    ended row's score, text and prompt; on the next step, the reset row's new prompt (the reset's info)."""
+    from gymnasium.vector import SyncVectorEnv
+
+    stop = ("good", "the")
+    venv = make_toy_env(B, stop_tokens=stop, max_new_tokens=4)
+    sync = SyncVectorEnv([lambda: make_toy_env(stop_tokens=stop, max_new_tokens=4) for _ in range(B)])
+    venv.reset(seed=0)
+    sync.reset(seed=0)
+    rng = np.random.default_rng(0)
+    resets = 0
+    for _ in range(12):
+        acts = rng.integers(3, 30, size=B)
+        obs, rewards, terminated, _, info = venv.step(acts)
+        sync_obs, sync_rewards, sync_terminated, _, sync_info = sync.step(acts)
+        np.testing.assert_array_equal(obs["input_ids"], sync_obs["input_ids"])
+        np.testing.assert_allclose(rewards, sync_rewards, atol=1e-5)
+        np.testing.assert_array_equal(terminated, sync_terminated)
+        for key in ("score", "text", "prompt"):
+            np.testing.assert_array_equal(info.get(f"_{key}", np.zeros(B, bool)), sync_info.get(f"_{key}", np.zeros(B, bool)))
+            rows = np.flatnonzero(info.get(f"_{key}", np.zeros(B, bool)))
+            assert [info[key][r] for r in rows] == [sync_info[key][r] for r in rows], key
+        resets += int(info.get("reset", np.zeros(B, bool)).sum())
+    assert resets > 0
+
+
 def test_vector_env_with_policy_link_samples_each_row():
     venv = make_toy_env(B, autoreset_mode="Disabled")
     link = venv.bind_policy(PolicyLink(venv.reference_model))

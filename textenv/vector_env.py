@@ -259,6 +259,13 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
         if resetting.any():
             infos["reset"] = resetting
             infos["_reset"] = resetting
+            # The reset's own info, as gymnasium's vector envs merge it on the autoreset step: each reset row's
+            # new prompt (a row is reset or scored in a step, never both, so one array holds both kinds).
+            prompt = infos.get("prompt", np.full(self.num_envs, None, dtype=object))
+            has_prompt = infos.get("_prompt", np.zeros(self.num_envs, dtype=bool)) | resetting
+            for r in np.flatnonzero(resetting):
+                prompt[r] = self.engine.prompts[r].text  # type: ignore[union-attr]
+            infos.update(prompt=prompt, _prompt=has_prompt)
         truncated = np.zeros(self.num_envs, dtype=bool)
         return self._observations(), out.rewards, ended, truncated, infos
 
