@@ -67,6 +67,21 @@ def test_labels_are_written_and_resumed(tmp_path: Path) -> None:
     assert [r.id for r in records] == ["s-0", "s-1", "s-2", "s-3"] and records[2].skip
 
 
+def test_a_label_cut_mid_write_does_not_block_resuming(tmp_path: Path) -> None:
+    """Power loss or a full disk can cut the last line: resuming mends it instead of refusing the file."""
+    out = tmp_path / "labels.jsonl"
+    label_interactively(_samples(), out, input=io.StringIO("2\n1\nq\n"), output=io.StringIO())
+    whole = out.read_bytes()
+    out.write_bytes(whole + b'{"prompt": "review : pro')  # the third label, cut
+    with pytest.warns(UserWarning, match="cut mid-write"):
+        session = label_interactively(_samples(), out, input=io.StringIO("1\nq\n"), output=io.StringIO())
+    assert session.written == 1 and (tmp_path / "labels.jsonl.torn").read_bytes() == b'{"prompt": "review : pro'
+    assert [r.id for r in load_preferences(out)] == ["s-0", "s-1", "s-2"]
+    out.write_bytes(out.read_bytes()[:-1])  # a whole record whose newline was lost
+    label_interactively(_samples(), out, input=io.StringIO("2\n"), output=io.StringIO())
+    assert [r.id for r in load_preferences(out)] == ["s-0", "s-1", "s-2", "s-3"]
+
+
 def test_kwise_ranking_and_interrupt(tmp_path: Path) -> None:
     out = tmp_path / "labels.jsonl"
     session = label_interactively(_samples(3, k=3), out, input=InterruptAfter("3 1 2\n2\n"), output=io.StringIO())

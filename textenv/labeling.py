@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,31 @@ def sample_key(record: PreferenceRecord) -> str:
     return record.id if record.id is not None else json.dumps([record.prompt, record.completions])
 
 
+def mend_torn_last_line(path: Path) -> None:
+    """A labels file whose last line has no newline was cut mid-write (power loss, full disk): each label is
+    appended with its newline and flushed. If that line is a whole record, end it with its newline (the next
+    label would be glued to it); else move its bytes to ``<file>.torn`` and cut it off, with a warning, so
+    labelling resumes (that one label is asked again) and nothing is deleted."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[cut:])
+    except ValueError:
+        torn = path.with_name(path.name + ".torn")
+        torn.write_bytes(data[cut:])
+        with path.open("r+b") as fh:
+            fh.truncate(cut)
+        warnings.warn(f"{path}: its last line was cut mid-write; moved to {torn}, that sample will be asked again", stacklevel=3)
+        return
+    with path.open("ab") as fh:
+        fh.write(b"\n")
+
+
 def labelled_keys(path: str | Path) -> set[str]:
-    """Keys of the samples already in an output file (missing file: none).
+    """Keys of the samples already in an output file (missing file: none); mends a torn last line first
+    (`mend_torn_last_line`).
 
     :raises PreferenceFormatError: a line of the file is malformed (names file and line).
     """
@@ -44,6 +68,7 @@ def labelled_keys(path: str | Path) -> set[str]:
     keys: set[str] = set()
     if not path.exists():
         return keys
+    mend_torn_last_line(path)
     with path.open(encoding="utf-8") as fh:
         for line_no, line in enumerate(fh, start=1):
             if not line.strip():
