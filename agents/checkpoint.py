@@ -23,6 +23,15 @@ from torch import nn
 LATEST = "latest.json"
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a written file (or a folder's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temp file beside ``path``, fsync, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +91,8 @@ def save_checkpoint(
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     (tmp / "state.json").write_text(json.dumps({"iteration": iteration, **state}, indent=2))
+    for path in (*tmp.iterdir(), tmp):  # on disk before latest.json names them (a power loss, not only a kill)
+        fsync_path(path)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -62,3 +62,22 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
     run.metrics_path.write_text('{"iteration": 1, "score": 0.0}\n')  # a line from a run killed before checkpointing
     metrics = make_run(tmp_path / "early").train(2, resume=True, progress=False)
     assert [m["iteration"] for m in metrics] == [1, 2]
+
+
+def test_checkpoint_files_reach_the_disk_before_latest_json_names_them(tmp_path, monkeypatch):
+    """After a power loss (not only a kill), latest.json must not point at files still in the page cache."""
+    import os
+
+    from agents import checkpoint
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=2)
+    agent = PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model)), env, PPOConfig(minibatch_size=4, micro_batch_size=4))
+    path = checkpoint.save_checkpoint(tmp_path, 1, agent.policy, agent.optimizer, {"sampling": agent.generator.get_state()}, {})
+    names = [os.path.basename(p) for p in synced]
+    latest = next(i for i, n in enumerate(names) if n.startswith(".latest.json"))
+    files = {p.name for p in path.iterdir()}
+    assert files == {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "optimizer.json", "state.json"}
+    assert files <= set(names[:latest])  # every file, then its folder, before the pointer
