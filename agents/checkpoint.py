@@ -122,6 +122,9 @@ def load_checkpoint(
     missing, unexpected = load_model(model, str(path / "model.safetensors"), device=str(device))
     if unexpected:
         raise ValueError(f"checkpoint {path} has weights the model lacks: {sorted(unexpected)[:5]}")
-    _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors"), device=str(device)),
+    # Loaded on the CPU: `load_state_dict` moves each state to its parameter's device, except Adam's ``step``,
+    # which stays where it is given and must be on the CPU (on a GPU, non-capturable Adam reads it back per
+    # parameter at every step).
+    _load_optimizer(optimizer, load_file(str(path / "optimizer.safetensors"), device="cpu"),
                     json.loads((path / "optimizer.json").read_text()))  # fmt: skip
     return load_file(str(path / "rng.safetensors")), json.loads((path / "state.json").read_text())

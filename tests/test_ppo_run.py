@@ -81,3 +81,23 @@ def test_checkpoint_files_reach_the_disk_before_latest_json_names_them(tmp_path,
     files = {p.name for p in path.iterdir()}
     assert files == {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "optimizer.json", "state.json"}
     assert files <= set(names[:latest])  # every file, then its folder, before the pointer
+
+
+def test_a_restored_optimizer_keeps_adams_step_on_the_cpu(tmp_path):
+    """Adam's moments go to the parameters' device, its ``step`` counters stay on the CPU, as a fresh Adam keeps
+    them (on a GPU, a ``step`` there would cost a device read per parameter per step). ``TEXTENV_TEST_DEVICE=cuda``
+    runs it on a GPU."""
+    import os
+
+    from agents import checkpoint
+
+    device = torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu"))
+    env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=2, device=device)
+    agent = PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model)), env, PPOConfig(minibatch_size=4, micro_batch_size=4))
+    agent.iteration_step()
+    path = checkpoint.save_checkpoint(tmp_path, 1, agent.policy, agent.optimizer, {"sampling": agent.generator.get_state()}, {})
+    checkpoint.load_checkpoint(path, agent.policy, agent.optimizer)
+    states = list(agent.optimizer.state.values())
+    assert states and all(s["step"].device.type == "cpu" for s in states)
+    assert all(s["exp_avg"].device == next(agent.policy.parameters()).device for s in states)
+    agent.iteration_step()  # and it trains on
