@@ -319,6 +319,22 @@ def _tokens(metrics: Sequence[dict[str, float]], num_envs: int) -> float:
     return float(sum(m["tokens"] if "tokens" in m else m["response_length"] * num_envs for m in metrics))
 
 
+def check_same_grid(out_dir: str | Path, budget: int, settings: BenchmarkSettings) -> None:
+    """Refuse to add to (or re-run in) a grid folder whose finished runs used another budget or other settings
+    (the checkpoint interval aside): its table would mix two grids. The reference rows record 0 iterations."""
+    asked = {k: v for k, v in json.loads(json.dumps(asdict(settings))).items() if k != "checkpoint_every"}
+    for result in finished_runs(out_dir):
+        iterations = 0 if result.get("algo") == REFERENCE else budget
+        had = {k: v for k, v in (result.get("settings") or {}).items() if k != "checkpoint_every"}
+        for key, old, new in (("iterations", result.get("iterations"), iterations), ("settings", had, asked)):
+            if old != new:
+                where = f"{result.get('task')}/{result.get('algo')}/seed{result.get('seed')}"
+                raise ValueError(
+                    f"{out_dir} holds a run ({where}) with {key} {old}, not {new}: use another output folder for "
+                    "these settings, or remove the old results"
+                )
+
+
 def run_one(algo: str, task: str, seed: int, budget: int, out_dir: str | Path,
             settings: BenchmarkSettings | None = None) -> dict[str, Any]:  # fmt: skip
     """Run (or finish, or skip) one cell of the grid; returns its result (also in ``result.json``).
@@ -335,19 +351,9 @@ def run_one(algo: str, task: str, seed: int, budget: int, out_dir: str | Path,
     check_names(["ppo" if algo == REFERENCE else algo], [task])  # the reference row exists for every task
     settings = settings or BenchmarkSettings()
     run_dir = run_dir_of(out_dir, task, algo, seed)
+    check_same_grid(out_dir, budget, settings)
     if (run_dir / RESULT_FILE).exists():
-        result = json.loads((run_dir / RESULT_FILE).read_text())
-        asked = {"iterations": 0 if algo == REFERENCE else budget, "settings": json.loads(json.dumps(asdict(settings)))}
-        for key in ("iterations", "settings"):  # a table must not mix runs of two budgets or settings
-            old, new = result.get(key), asked[key]
-            if key == "settings" and isinstance(old, dict):  # the checkpoint interval changes no result
-                old, new = ({k: v for k, v in d.items() if k != "checkpoint_every"} for d in (old, new))
-            if old != new:
-                raise ValueError(
-                    f"{run_dir / RESULT_FILE} holds a run with {key} {old}, not {new}: use another output folder "
-                    "for these settings, or remove the old results"
-                )
-        return result
+        return json.loads((run_dir / RESULT_FILE).read_text())
     started = time.perf_counter()
     world = task_world(task, settings)
     if algo == REFERENCE:  # no training: the starting point every algorithm is compared with

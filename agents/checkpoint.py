@@ -41,6 +41,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -96,6 +97,7 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    fsync_path(run_dir)  # the rename itself, before the pointer's
     write_json_atomic(run_dir / LATEST, {"checkpoint": final.name, "iteration": iteration})
     for old in sorted(run_dir.glob("checkpoint-*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

@@ -32,7 +32,8 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 # deferred KL against the per-token one, on the GPU.
 if want tests; then
   TEXTENV_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_static_decoding.py tests/test_deferred_kl.py \
-    tests/test_policy_prefetch.py tests/test_compiled_step_overhead.py tests/test_fused_sampling.py 2>&1 \
+    tests/test_policy_prefetch.py tests/test_compiled_step_overhead.py tests/test_fused_sampling.py \
+    tests/test_ppo_run.py::test_a_restored_optimizer_keeps_adams_step_on_the_cpu 2>&1 \
     | tee "$out/gpu_tests.txt"
 fi
 gpt2="--shape gpt2 --prompt 64 --device cuda --bf16"

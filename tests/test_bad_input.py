@@ -272,6 +272,11 @@ def test_a_failed_reset_leaves_the_prompt_generators_alone():
         for _ in range(3):
             assert list(np.atleast_1d(env.reset()[1]["prompt"])) == list(np.atleast_1d(twin.reset()[1]["prompt"]))
     assert venv.reset(seed=np.int64(3))[1]["prompt"].tolist() == venv_twin.reset(seed=3)[1]["prompt"].tolist()
+    assert single.reset(seed=np.int64(3))[1]["prompt"] == single_twin.reset(seed=3)[1]["prompt"]
+    for bad in ([1, 2.7, 3], [1, True, 3]):
+        with pytest.raises(ValueError, match="seeds must be integers"):
+            venv.reset(seed=bad)
+    assert list(venv.reset()[1]["prompt"]) == list(venv_twin.reset()[1]["prompt"])
 
 
 def test_a_score_deferring_batch_refuses_a_partial_reset_that_would_drop_a_score():

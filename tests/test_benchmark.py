@@ -54,12 +54,15 @@ def test_tiny_grid_writes_table_and_plots_and_rerun_skips(tmp_path, monkeypatch)
     run_grid(["ppo", "rloo"], ["toy"], 2, 2, tmp_path, TINY, progress=False)
     assert calls == [] and result_mtimes(tmp_path) == before
     # ... but the same folder with another budget or settings is refused: its table would mix two grids.
-    with pytest.raises(ValueError, match="holds a run with iterations 2, not 3"):
+    with pytest.raises(ValueError, match="holds a run .* with iterations 2, not 3"):
         run_grid(["ppo"], ["toy"], 1, 3, tmp_path, TINY, progress=False)
-    with pytest.raises(ValueError, match="holds a run with settings"):
+    with pytest.raises(ValueError, match="holds a run .* with settings"):
         run_grid(["ppo"], ["toy"], 1, 2, tmp_path, BenchmarkSettings(num_envs=8, eval_prompts=8, kl_coef=0.1), progress=False)
     run_grid(["ppo"], ["toy"], 1, 2, tmp_path, BenchmarkSettings(num_envs=8, eval_prompts=8, checkpoint_every=2), progress=False)
     assert calls == [] and result_mtimes(tmp_path) == before
+    with pytest.raises(ValueError, match="holds a run .* with iterations 2, not 3"):  # growing it at another budget
+        run_grid(["grpo"], ["toy"], [5], 3, tmp_path, TINY, progress=False)
+    assert calls == [] and not run_dir_of(tmp_path, "toy", "grpo", 5).exists()
 
 
 def test_interrupted_grid_is_completed_and_loses_nothing(tmp_path, monkeypatch):

@@ -75,8 +75,12 @@ def test_a_label_cut_mid_write_does_not_block_resuming(tmp_path: Path) -> None:
     out.write_bytes(whole + b'{"prompt": "review : pro')  # the third label, cut
     with pytest.warns(UserWarning, match="cut mid-write"):
         session = label_interactively(_samples(), out, input=io.StringIO("1\nq\n"), output=io.StringIO())
-    assert session.written == 1 and (tmp_path / "labels.jsonl.torn").read_bytes() == b'{"prompt": "review : pro'
+    assert session.written == 1 and (tmp_path / "labels.jsonl.torn").read_bytes() == b'{"prompt": "review : pro\n'
     assert [r.id for r in load_preferences(out)] == ["s-0", "s-1", "s-2"]
+    out.write_bytes(out.read_bytes() + b'{"prompt": "rev')  # a second torn line: kept beside the first
+    with pytest.warns(UserWarning, match="cut mid-write"):
+        label_interactively(_samples(), out, input=io.StringIO("q\n"), output=io.StringIO())
+    assert (tmp_path / "labels.jsonl.torn").read_bytes() == b'{"prompt": "review : pro\n{"prompt": "rev\n'
     out.write_bytes(out.read_bytes()[:-1])  # a whole record whose newline was lost
     label_interactively(_samples(), out, input=io.StringIO("2\n"), output=io.StringIO())
     assert [r.id for r in load_preferences(out)] == ["s-0", "s-1", "s-2", "s-3"]

@@ -141,6 +141,37 @@ def test_every_episode_is_trained_on_when_the_minibatch_does_not_divide_the_batc
     assert len(steps) == 4  # two optimizer steps per epoch
 
 
+def test_each_micro_batch_weighs_its_share_of_its_minibatch(monkeypatch):
+    """The gradient of a minibatch is the mean of its micro-batches' losses weighted by their share of it: ½ for
+    each half of an 8-episode minibatch, 1 for the short 4-episode one (not ½, as a fixed accumulation count
+    would make it)."""
+    import agents.ppo as ppo
+
+    agent = toy_ppo(12, minibatch_size=8, micro_batch_size=4, ppo_epochs=1)
+    losses, backwards = [], []
+    policy_loss, value_loss = ppo.clipped_policy_loss, ppo.clipped_value_loss
+
+    def record_policy_loss(*args):
+        out = policy_loss(*args)
+        losses.append([out[0].detach()])
+        return out
+
+    def record_value_loss(*args):
+        out = value_loss(*args)
+        losses[-1].append(out[0].detach())
+        return out
+
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(ppo, "clipped_policy_loss", record_policy_loss)
+    monkeypatch.setattr(ppo, "clipped_value_loss", record_value_loss)
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: (backwards.append(self.detach()), backward(self, *a, **k))[1])
+    agent.update(agent.rollout())
+    unscaled = [pg + agent.config.vf_coef * vf for pg, vf in losses]
+    assert len(backwards) == 3
+    for scaled, loss, share in zip(backwards, unscaled, (0.5, 0.5, 1.0), strict=True):
+        torch.testing.assert_close(scaled, loss * share)
+
+
 def test_missing_eos_penalty_spares_episodes_that_end_on_a_stop_token():
     """The env ends an episode on EOS or a stop token alike; only episodes cut off by the budget are penalised."""
     stop_words = ["the", "movie", "was", "a", "good", "plot"]

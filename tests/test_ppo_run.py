@@ -81,12 +81,13 @@ def test_checkpoint_files_reach_the_disk_before_latest_json_names_them(tmp_path,
     files = {p.name for p in path.iterdir()}
     assert files == {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "optimizer.json", "state.json"}
     assert files <= set(names[:latest])  # every file, then its folder, before the pointer
+    assert synced[latest - 1] == str(tmp_path) and synced[-1] == str(tmp_path)  # the renames, too
 
 
 def test_a_restored_optimizer_keeps_adams_step_on_the_cpu(tmp_path):
     """Adam's moments go to the parameters' device, its ``step`` counters stay on the CPU, as a fresh Adam keeps
-    them (on a GPU, a ``step`` there would cost a device read per parameter per step). ``TEXTENV_TEST_DEVICE=cuda``
-    runs it on a GPU."""
+    them (on a GPU, a ``step`` there would cost a device read per parameter per step). On the CPU it cannot fail
+    (there is one device); ``TEXTENV_TEST_DEVICE=cuda`` runs it on a GPU, as `benchmarks/gpu_suite.sh tests` does."""
     import os
 
     from agents import checkpoint

@@ -94,8 +94,9 @@ def test_training_reads_the_tokens_the_scorer_reads_with_a_bos_tokenizer() -> No
     tokenizer.add_special_tokens({"bos_token": "<bos>"})
     bos = tokenizer.convert_tokens_to_ids("<bos>")
     tokenizer._tokenizer.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
-    texts = ["review : it was good .", "review : the acting was not very good . i hated the songs ."]
-    assert tokenizer(texts[0])["input_ids"][0] == bos
+    long = "review : " + " ".join(["the acting was not very good ."] * 12)  # past the RM's 64 positions
+    texts = ["review : it was good .", "review : the acting was not very good . i hated the songs .", long]
+    assert tokenizer(texts[0])["input_ids"][0] == bos and len(tokenizer(long)["input_ids"]) > 64
     config = tiny_gpt2_config(len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2)
     config.pad_token_id = tokenizer.pad_token_id
     model = build_tiny_reward_model(config, seed=0).eval()

@@ -252,7 +252,7 @@ class TextGenerationEnv(EngineAccess, gym.Env):
         # A reset that fails past this point leaves the generator as it was, so later prompts do not change.
         before = (self._np_random, self._np_random_seed)
         state = None if self._np_random is None else self._np_random.bit_generator.state
-        super().reset(seed=seed)
+        super().reset(seed=int(seed) if isinstance(seed, np.integer) else seed)  # gymnasium takes Python ints only
         try:
             if prompt is None:
                 prompt = self.prompt_source.sample(self.np_random, 1)[0]

@@ -49,7 +49,8 @@ def mend_torn_last_line(path: Path) -> None:
         json.loads(data[cut:])
     except ValueError:
         torn = path.with_name(path.name + ".torn")
-        torn.write_bytes(data[cut:])
+        with torn.open("ab") as fh:  # appended: an earlier session's torn line stays there too
+            fh.write(data[cut:] + b"\n")
         with path.open("r+b") as fh:
             fh.truncate(cut)
         warnings.warn(f"{path}: its last line was cut mid-write; moved to {torn}, that sample will be asked again", stacklevel=3)

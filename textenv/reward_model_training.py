@@ -89,15 +89,14 @@ def _scores(model: PreTrainedModel, seqs: Sequence[list[int]], pad_id: int) -> t
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    # With the tokenizer's special tokens (a BOS, say), as `textenv.rewards.RewardModelScorer` scores: the RM must
-    # read at training the token sequences it is scored on.
-    encoded = tokenizer(list(texts))["input_ids"]
-    out = []
+    """Token ids as `textenv.rewards.RewardModelScorer` scores them: with the tokenizer's special tokens (a BOS,
+    say), and a text too long for the RM cut on the left by the tokenizer, which keeps those tokens (the score is
+    read at the last token)."""
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, truncation_side="left")["input_ids"]
     for text, ids in zip(texts, encoded, strict=True):
         if not ids:
             raise ValueError(f"text {text!r} has no tokens")
-        out.append(ids[-max_length:])  # keep the end: the score is read at the last token
-    return out
+    return [list(ids) for ids in encoded]
 
 
 @torch.no_grad()

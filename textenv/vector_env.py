@@ -176,6 +176,9 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
             seeds = [seed + i for i in range(self.num_envs)] if isinstance(seed, (int, np.integer)) else list(seed)
             if len(seeds) != self.num_envs:
                 raise ValueError(f"got {len(seeds)} seeds for {self.num_envs} envs")
+            bad = [s for s in seeds if s is not None and (isinstance(s, bool) or not isinstance(s, (int, np.integer)))]
+            if bad:
+                raise ValueError(f"seeds must be integers (or None), got {bad[0]!r}")
         # A reset that fails past this point leaves the rows' generators as they were (later prompts unchanged).
         before = {int(i): (self._row_rngs[i], self._row_rngs[i].bit_generator.state) for i in rows}
         try:
