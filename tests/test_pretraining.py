@@ -81,3 +81,27 @@ def test_missing_and_corrupt_model_folders(tmp_path: Path, capsys: pytest.Captur
     text.write_text("a b\n")
     assert main(["pretrain", "--corpus", str(text), "--init", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_pickled_weights_are_not_loaded(tmp_path: Path) -> None:
+    """A folder with only pickled ``pytorch_model.bin`` weights is refused (safetensors only, DESIGN.md), by the LM
+    and reward-model loaders and when a reward model is initialised from an LM folder."""
+    from textenv.models import (
+        build_tiny_causal_lm,
+        build_tiny_reward_model,
+        load_reward_model,
+        tiny_gpt2_config,
+    )
+    from textenv.reward_model_training import _init_model
+
+    config = tiny_gpt2_config(20, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    for name, model in (("lm", build_tiny_causal_lm(config)), ("rm", build_tiny_reward_model(config))):
+        model.config.save_pretrained(tmp_path / name)  # transformers 5 saves safetensors only, but still loads .bin
+        torch.save(model.state_dict(), tmp_path / name / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_causal_lm(tmp_path / "lm")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_reward_model(tmp_path / "rm")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        _init_model(tmp_path / "lm", None, {}, seed=0)
+    assert type(load_causal_lm(tmp_path / "lm", use_safetensors=None)).__name__ == "GPT2LMHeadModel"  # opted in

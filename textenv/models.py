@@ -149,11 +149,14 @@ def load_causal_lm(
     """Load any Hugging Face causal LM by local path or hub name, in eval mode.
 
     :param trust_remote_code: off by default: a checkpoint's own Python code runs only if you opt in.
+    :param kwargs: more ``from_pretrained`` arguments. Weights load from safetensors only (``use_safetensors=True``):
+        a checkpoint with only pickled ``.bin`` weights is refused (convert it, or pass ``use_safetensors=None``
+        if you trust it).
     """
     _check_folder(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), trust_remote_code=trust_remote_code, dtype=dtype, **kwargs
+            str(name_or_path), trust_remote_code=trust_remote_code, dtype=dtype, **{"use_safetensors": True, **kwargs}
         )
     except Exception as exc:
         raise ModelLoadError(f"cannot load a causal LM from {str(name_or_path)!r}: {exc}") from exc
@@ -167,11 +170,12 @@ def load_reward_model(
     device: str | torch.device | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """Load any Hugging Face sequence-classification model (a reward model) by path or hub name."""
+    """Load any Hugging Face sequence-classification model (a reward model) by path or hub name; safetensors
+    weights only, as `load_causal_lm`."""
     _check_folder(name_or_path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(name_or_path), trust_remote_code=trust_remote_code, dtype=dtype, **kwargs
+            str(name_or_path), trust_remote_code=trust_remote_code, dtype=dtype, **{"use_safetensors": True, **kwargs}
         )
     except Exception as exc:
         raise ModelLoadError(f"cannot load a reward model from {str(name_or_path)!r}: {exc}") from exc

@@ -143,7 +143,7 @@ def _init_model(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, use_safetensors=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot initialise a reward model from {str(path)!r}: {exc}") from exc
     finally:
