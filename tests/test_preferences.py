@@ -77,6 +77,16 @@ def test_malformed_line_names_file_and_line(tmp_path: Path, line: str, message: 
         load_preferences(path)
 
 
+def test_text_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "prefs.jsonl"
+    good = b'{"prompt": "p", "completions": ["a", "b"], "ranking": [1]}\r\n'
+    path.write_bytes(good + good.replace(b'"a"', '"caf\u00e9"'.encode("latin-1")))
+    with pytest.raises(PreferenceFormatError, match=r"prefs.jsonl:2: not UTF-8 text"):
+        load_preferences(path)
+    path.write_bytes(good + good.replace(b'"a"', '"caf\u00e9"'.encode("utf-8")))  # CRLF line ends are fine
+    assert [r.completions[0] for r in load_preferences(path)] == ["a", "caf\u00e9"]
+
+
 def test_empty_missing_and_duplicate(tmp_path: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

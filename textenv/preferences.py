@@ -142,8 +142,12 @@ def _load(path: str | Path, require_label: bool) -> list[PreferenceRecord]:
         raise PreferenceFormatError(f"{path}: file does not exist")
     records: list[PreferenceRecord] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:  # decoded line by line, so that bytes that are not UTF-8 name their line
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PreferenceFormatError(f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             if not line.strip():
                 continue
             try:
