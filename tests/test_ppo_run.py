@@ -64,6 +64,18 @@ def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
     assert [m["iteration"] for m in metrics] == [1, 2]
 
 
+def agent_and_checkpoint(run_dir, device="cpu", train=False):
+    """A small PPO agent on the toy env (after one iteration if ``train``) and a checkpoint of it in ``run_dir``."""
+    from agents import checkpoint
+
+    env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=2, device=device)
+    agent = PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model)), env, PPOConfig(minibatch_size=4, micro_batch_size=4))
+    if train:
+        agent.iteration_step()
+    rng = {"sampling": agent.generator.get_state()}
+    return agent, checkpoint.save_checkpoint(run_dir, 1, agent.policy, agent.optimizer, rng, {})
+
+
 def test_checkpoint_files_reach_the_disk_before_latest_json_names_them(tmp_path, monkeypatch):
     """After a power loss (not only a kill), latest.json must not point at files still in the page cache."""
     import os
@@ -73,9 +85,7 @@ def test_checkpoint_files_reach_the_disk_before_latest_json_names_them(tmp_path,
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
-    env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=2)
-    agent = PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model)), env, PPOConfig(minibatch_size=4, micro_batch_size=4))
-    path = checkpoint.save_checkpoint(tmp_path, 1, agent.policy, agent.optimizer, {"sampling": agent.generator.get_state()}, {})
+    _, path = agent_and_checkpoint(tmp_path)
     names = [os.path.basename(p) for p in synced]
     latest = next(i for i, n in enumerate(names) if n.startswith(".latest.json"))
     files = {p.name for p in path.iterdir()}
@@ -92,11 +102,7 @@ def test_a_restored_optimizer_keeps_adams_step_on_the_cpu(tmp_path):
 
     from agents import checkpoint
 
-    device = torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu"))
-    env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=2, device=device)
-    agent = PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model)), env, PPOConfig(minibatch_size=4, micro_batch_size=4))
-    agent.iteration_step()
-    path = checkpoint.save_checkpoint(tmp_path, 1, agent.policy, agent.optimizer, {"sampling": agent.generator.get_state()}, {})
+    agent, path = agent_and_checkpoint(tmp_path, torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu")), train=True)
     checkpoint.load_checkpoint(path, agent.policy, agent.optimizer)
     states = list(agent.optimizer.state.values())
     assert states and all(s["step"].device.type == "cpu" for s in states)

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.models import build_tiny_causal_lm, save_model_folder, tiny_gpt2_config
+from textenv.models import build_tiny_causal_lm, position_limit, save_model_folder, tiny_gpt2_config
 from textenv.tasks.base import Task
 
 METRICS_FILE = "textenv_pretrain.json"
@@ -188,9 +188,7 @@ def pretrain_lm(
             **overrides,
         )
         model = build_tiny_causal_lm(config, seed=seed)
-    max_length = getattr(model.config, "n_positions", None) or getattr(
-        model.config, "max_position_embeddings", 1024
-    )
+    max_length = position_limit(model) or 1024
     docs = encode_documents(texts, tokenizer, max_length)
     if not docs:
         raise ValueError("all training documents are empty after tokenisation")

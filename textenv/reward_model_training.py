@@ -30,7 +30,13 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.models import ModelLoadError, build_tiny_reward_model, save_model_folder, tiny_gpt2_config
+from textenv.models import (
+    ModelLoadError,
+    build_tiny_reward_model,
+    position_limit,
+    save_model_folder,
+    tiny_gpt2_config,
+)
 from textenv.preferences import PreferenceRecord, expand_to_pairs, ranking_pairs
 from textenv.tasks.base import Task
 
@@ -109,9 +115,7 @@ def score_texts(
     :param texts: prompt and completion already joined.
     """
     model.eval()
-    max_length = getattr(model.config, "n_positions", None) or getattr(
-        model.config, "max_position_embeddings", 1024
-    )
+    max_length = position_limit(model) or 1024
     seqs = _encode(tokenizer, texts, max_length)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     out = [_scores(model, seqs[i : i + batch_size], pad_id).cpu() for i in range(0, len(seqs), batch_size)]
@@ -213,9 +217,7 @@ def train_reward_model(
         raise ValueError("no training pairs: the records are all ties or skips, or there are too few prompts")
     model = _init_model(init_from, tokenizer, config_overrides or {}, seed)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    max_length = getattr(model.config, "n_positions", None) or getattr(
-        model.config, "max_position_embeddings", 1024
-    )
+    max_length = position_limit(model) or 1024
 
     # Every record becomes (text ids of its K completions, its (better, worse) pairs); a batch is a set of
     # records, so each completion is scored once however many pairs it is in (InstructGPT's trick).
