@@ -292,3 +292,39 @@ def test_a_score_deferring_batch_refuses_a_partial_reset_that_would_drop_a_score
     venv.step(np.array([3, 3]))
     _, _, terminated, _, info = venv.step(np.array([3, 3]))
     assert terminated[1] and info["_score"].all() and np.isfinite(info["score"]).all()
+
+
+def test_a_prompt_source_failing_at_an_autoreset_leaves_the_step_undone():
+    """NextStep draws the reset rows' prompts in the step after their episodes ended; a prompt generator that
+    fails there (an empty prompt) must not leave the step half done: nothing moves, and once the generator
+    works again the same step matches a twin env that never failed."""
+    from textenv.toy import toy_prompts
+
+    failing = {"now": False}
+
+    def flaky_prompts(rng, n):
+        texts = toy_prompts(rng, n)
+        return ["   "] * n if failing["now"] else texts
+
+    venv = make_toy_env(2, prompts=flaky_prompts, max_new_tokens=4)
+    twin = make_toy_env(2, prompts=toy_prompts, max_new_tokens=4)
+    eos = venv.engine.eos_id
+    for env in (venv, twin):
+        env.reset(seed=0)
+        env.step(np.array([3, 4]))
+        assert env.step(np.array([eos, 6]))[2].tolist() == [True, False]  # row 0 resets at the next step
+    observation, gen_len = venv._observations(), venv.engine.gen_len.clone()
+    failing["now"] = True
+    with pytest.raises(PromptError, match="empty prompt"):
+        venv.step(np.array([7, 8]))  # row 1 would take its third token
+    for key, value in venv._observations().items():
+        np.testing.assert_array_equal(value, observation[key])
+    assert torch.equal(venv.engine.gen_len, gen_len)
+    assert venv.engine.done.tolist() == [True, False] and venv._autoreset.tolist() == [True, False]
+    failing["now"] = False
+    for actions in ([7, 8], [3, 4], [5, 6]):
+        got, want = venv.step(np.array(actions)), twin.step(np.array(actions))
+        for key in got[0]:
+            np.testing.assert_array_equal(got[0][key], want[0][key])
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+        assert list(got[4].get("prompt", [])) == list(want[4].get("prompt", []))

@@ -66,11 +66,29 @@ def test_a_negative_or_nan_kl_coefficient_is_refused():
     from textenv.kl import FixedKLController
     from textenv.toy import make_toy_env
 
-    for bad in (-0.1, float("nan")):
-        with pytest.raises(ValueError, match="KL coefficient must be >= 0"):
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="KL coefficient must be finite and >= 0"):
             FixedKLController(bad)
-        with pytest.raises(ValueError, match="KL coefficient must be >= 0"):
+        with pytest.raises(ValueError, match="KL coefficient must be finite and >= 0"):
             make_toy_env(kl_coef=bad)
+    controller = FixedKLController(0.1)
+    with pytest.raises(ValueError, match="KL coefficient"):
+        controller.load_state_dict({"value": float("nan")})
+    assert controller.value == 0.1
+
+
+def test_the_adaptive_controller_refuses_nan_settings_and_a_nan_kl_leaving_beta_as_it_was():
+    nan, inf = float("nan"), float("inf")
+    for value, target, horizon in ((nan, 6.0, 10), (0.1, nan, 10), (0.1, 6.0, nan), (inf, 6.0, 10), (0.1, inf, 10)):
+        with pytest.raises(ValueError, match="need finite value"):
+            AdaptiveKLController(value, target, horizon)
+    controller = AdaptiveKLController(value=0.1, target=6.0, horizon=100)
+    for kl in (nan, inf):
+        with pytest.raises(ValueError, match="measured KL must be finite"):
+            controller.update(kl, n_episodes=10)
+    with pytest.raises(ValueError, match="need finite value"):
+        controller.load_state_dict({"value": nan, "target": 6.0, "horizon": 100})
+    assert (controller.value, controller.target, controller.horizon, controller.history) == (0.1, 6.0, 100, [])
 
 
 def test_top_k_temperature_logprobs_match_the_sampling_distribution():

@@ -13,6 +13,7 @@ Estimators (Schulman, "Approximating KL Divergence", 2020), with ``r = π_ref(a)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -59,8 +60,13 @@ class FixedKLController:
     value: float = 0.1
 
     def __post_init__(self) -> None:
-        if not self.value >= 0:  # a negative β would reward drifting away from the reference
-            raise ValueError(f"the KL coefficient must be >= 0, got {self.value}")
+        self._check(self.value)
+
+    @staticmethod
+    def _check(value: float) -> None:
+        """A negative β would reward drifting away from the reference; NaN or inf would make every reward NaN."""
+        if not 0 <= value < math.inf:
+            raise ValueError(f"the KL coefficient must be finite and >= 0, got {value}")
 
     def update(self, kl: float, n_episodes: int) -> None:
         """Nothing to adapt; present so both controllers share one interface."""
@@ -69,6 +75,7 @@ class FixedKLController:
         return {"value": self.value}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        self._check(float(state["value"]))
         self.value = float(state["value"])
 
 
@@ -90,11 +97,25 @@ class AdaptiveKLController:
     history: list[float] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        if self.value < 0 or self.target <= 0 or self.horizon <= 0:
-            raise ValueError(f"need value >= 0, target > 0 and horizon > 0; got {self}")
+        self._check(self.value, self.target, self.horizon)
+
+    @staticmethod
+    def _check(value: float, target: float, horizon: float) -> None:
+        """Refuse settings that would make β negative, NaN or infinite: written as ``not (x > 0)`` so that NaN,
+        which compares false with everything, is refused too (``x <= 0`` would let it through)."""
+        if not (0 <= value < math.inf and 0 < target < math.inf and 0 < horizon < math.inf):
+            raise ValueError(
+                f"need finite value >= 0, target > 0 and horizon > 0; got value={value}, target={target}, "
+                f"horizon={horizon}"
+            )
 
     def update(self, kl: float, n_episodes: int) -> None:
-        """Move β after ``n_episodes`` finished episodes whose mean KL was ``kl``."""
+        """Move β after ``n_episodes`` finished episodes whose mean KL was ``kl``.
+
+        A NaN or infinite ``kl`` is refused with β unchanged: it would turn β, and every later reward, into NaN.
+        """
+        if not math.isfinite(kl):
+            raise ValueError(f"the measured KL must be finite to adapt β, got {kl}")
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_episodes / self.horizon
         self.history.append(self.value)
@@ -103,6 +124,7 @@ class AdaptiveKLController:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        self._check(float(state["value"]), float(state["target"]), float(state["horizon"]))
         self.value, self.target, self.horizon = (
             float(state["value"]),
             float(state["target"]),

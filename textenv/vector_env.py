@@ -224,10 +224,19 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
         active = ~self.engine.done
         if not active.any() and not resetting.any():
             raise EpisodeEndedError("step() called after every episode ended; call reset() first")
-        out = self.engine.step(tokens, active)
-        if resetting.any():
-            rows = np.flatnonzero(resetting)
-            self.engine.reset_rows(rows, [self.prompt_source.sample(self._row_rngs[i], 1)[0] for i in rows])
+        # The autoreset rows' prompts are drawn before the step commits: a prompt source that fails (a
+        # `PromptError`) then leaves the env, and the rows' generators, as they were; so does a failing step.
+        rows = np.flatnonzero(resetting)
+        before = [(i, self._row_rngs[i].bit_generator.state) for i in rows]
+        try:
+            new_prompts = [self.prompt_source.sample(self._row_rngs[i], 1)[0] for i in rows]
+            out = self.engine.step(tokens, active)
+        except Exception:
+            for i, state in before:
+                self._row_rngs[i].bit_generator.state = state
+            raise
+        if len(rows):
+            self.engine.reset_rows(rows, new_prompts)
         self._autoreset = out.terminated.copy()
 
         known_kl = active & (not self.engine.defer_kl)  # a deferred-KL batch reports its KL when it ends
