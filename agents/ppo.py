@@ -144,9 +144,8 @@ class PPOConfig:
     """Subtract this from the last reward of episodes that hit the length budget without EOS (or another of the
     env's stop tokens, which end an episode as EOS does)."""
     ptx_coef: float = 0.0
-    """PPO-ptx: weight of a pretraining LM loss mixed into each update (InstructGPT); 0 disables."""
-    ptx_batch_size: int = 8
-    """Pretraining documents per update step when ``ptx_coef > 0``."""
+    """PPO-ptx: weight of a pretraining LM loss mixed into each update (InstructGPT); 0 disables. The agent's
+    ``ptx_batches`` gives the text, and its batch size (`agents.pretraining_batches.PretrainingBatches`)."""
     temperature: float = 1.0
     """Sampling temperature (reflected in every log-prob PPO and the KL use)."""
     top_k: int = 0
@@ -199,7 +198,8 @@ class PPOAgent:
     :param policy: the policy LM with its value head (trained in place).
     :param env: the vector env; its autoreset must be ``"Disabled"`` (one batch of B episodes per rollout).
     :param config: hyper-parameters.
-    :param ptx_batches: for PPO-ptx, a callable returning ``(input_ids, attention_mask)`` of pretraining text.
+    :param ptx_batches: for PPO-ptx, a callable returning ``(input_ids, attention_mask)`` of pretraining text;
+        `agents.pretraining_batches.PretrainingBatches` draws them from a corpus, and a run checkpoints it.
     :param gold_reward: optional ``fn(prompts, completions) -> scores`` logged as ``gold`` (never trained on).
     """
 

@@ -13,8 +13,9 @@ The folder holds what a person wants after a run and what a crash must not lose:
 - ``plots/``: PNGs of RM score, gold reward, KL and β over iterations;
 - ``eval_before.json`` / ``eval_after.json`` and ``samples_before.jsonl`` / ``samples_after.jsonl``;
 - ``checkpoint-NNNNNN/`` every N iterations (see `agents.checkpoint`): policy + value head, optimizer,
-  sampling RNG, the env's prompt RNGs and KL controller; ``resume=True`` restores them all, so a killed
-  run continues with the same metrics as one that never stopped (on CPU);
+  sampling RNG, the env's prompt RNGs and KL controller, and a PPO-ptx batch source's RNG if it has
+  ``state_dict`` (`agents.pretraining_batches.PretrainingBatches`); ``resume=True`` restores them all, so a
+  killed run continues with the same metrics as one that never stopped (on CPU);
 - ``policy/``: the final policy LM and tokenizer via ``save_pretrained``, and ``value_head.safetensors``.
 """
 
@@ -69,10 +70,17 @@ class TrainingRun:
             "row_rngs": [rng.bit_generator.state for rng in env._row_rngs],
             "kl_controller": env.kl_controller.state_dict(),
         }
-        return save_checkpoint(
-            self.run_dir, self.agent.iteration, self.agent.policy, self.agent.optimizer,
-            {"sampling": self.agent.generator.get_state()}, state,
-        )  # fmt: skip
+        rng = {"sampling": self.agent.generator.get_state()}
+        ptx = self._stateful_ptx_batches()
+        if ptx is not None:
+            rng.update({f"ptx.{k}": v for k, v in ptx.state_dict().items()})
+        return save_checkpoint(self.run_dir, self.agent.iteration, self.agent.policy, self.agent.optimizer, rng, state)
+
+    def _stateful_ptx_batches(self) -> Any:
+        """The agent's PPO-ptx batch source if it can be checkpointed (``state_dict``, as
+        `agents.pretraining_batches.PretrainingBatches`); a plain callable's randomness is its own."""
+        ptx = getattr(self.agent, "ptx_batches", None)
+        return ptx if hasattr(ptx, "state_dict") and hasattr(ptx, "load_state_dict") else None
 
     def _restore(self) -> int:
         path = latest_checkpoint(self.run_dir)
@@ -81,6 +89,10 @@ class TrainingRun:
             return 0
         rng, state = load_checkpoint(path, self.agent.policy, self.agent.optimizer)
         self.agent.generator.set_state(rng["sampling"])
+        ptx = self._stateful_ptx_batches()
+        saved_ptx = {k.removeprefix("ptx."): v for k, v in rng.items() if k.startswith("ptx.")}
+        if ptx is not None and saved_ptx:
+            ptx.load_state_dict(saved_ptx)
         env = self.agent.env
         for generator, saved in zip(env._row_rngs, state["row_rngs"], strict=True):
             generator.bit_generator.state = saved

@@ -51,6 +51,24 @@ def test_ppo_ptx_and_options_run():
     assert np.isfinite([v for v in stats.values()]).all()
 
 
+def test_pretraining_batches_draw_left_padded_documents_and_refuse_bad_input():
+    from agents.pretraining_batches import PretrainingBatches
+
+    batches = PretrainingBatches([[3, 4, 5, 1], [6, 1], []], batch_size=5, pad_id=0, seed=2)
+    ids, mask = batches()
+    assert ids.shape == mask.shape and ids.shape[0] == 5
+    for row, keep in zip(ids, mask.bool(), strict=True):  # each row is a whole document, padded on the left
+        assert row[keep].tolist() in ([3, 4, 5, 1], [6, 1]) and not keep[: len(keep) - int(keep.sum())].any()
+    state = batches.state_dict()
+    following = batches()
+    batches.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(batches(), following, strict=True))
+    with pytest.raises(ValueError, match="at least one non-empty"):
+        PretrainingBatches([[], []], batch_size=2, pad_id=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        PretrainingBatches([[3]], batch_size=0, pad_id=0)
+
+
 def test_ppo_refuses_bad_setups():
     env = make_toy_env(4, max_new_tokens=4)  # NextStep autoreset
     policy = PolicyWithValueHead(copy.deepcopy(env.reference_model))

@@ -9,15 +9,22 @@ from transformers import AutoModelForCausalLM
 
 from agents.evaluation import evaluate_policy
 from agents.ppo import PPOAgent, PPOConfig
+from agents.pretraining_batches import PretrainingBatches
 from agents.run import TIMING_KEYS, TrainingRun
 from agents.value_head import PolicyWithValueHead
 from textenv.toy import TOY_PROMPTS, make_toy_env
 
 
-def make_run(run_dir, evaluate=False):
+def make_run(run_dir, evaluate=False, ptx=False):
     env = make_toy_env(8, autoreset_mode="Disabled", max_new_tokens=4, kl_coef=0.05)
     policy = PolicyWithValueHead(copy.deepcopy(env.reference_model))
-    agent = PPOAgent(policy, env, PPOConfig(learning_rate=1e-3, minibatch_size=4, micro_batch_size=4, total_iterations=4, seed=3))
+    config = PPOConfig(learning_rate=1e-3, minibatch_size=4, micro_batch_size=4, total_iterations=4, seed=3,
+                       ptx_coef=0.5 if ptx else 0.0)  # fmt: skip
+    ptx_batches = None
+    if ptx:  # documents of different lengths, so that which ones a batch draws shows in its loss
+        documents = [TOY_PROMPTS[i % len(TOY_PROMPTS)] + " good" * i for i in range(12)]
+        ptx_batches = PretrainingBatches.from_texts(documents, env.tokenizer, batch_size=3, max_length=24, seed=5)
+    agent = PPOAgent(policy, env, config, ptx_batches=ptx_batches)
     fn = None
     if evaluate:
         def fn(lm):
@@ -48,12 +55,16 @@ def test_run_folder_contents(tmp_path):
         make_run(tmp_path / "run").train(4, progress=False)
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    full = make_run(tmp_path / "full").train(4, progress=False)
-    killed = make_run(tmp_path / "killed")
+@pytest.mark.parametrize("ptx", [False, True], ids=["ppo", "ppo-ptx"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, ptx):
+    """With PPO-ptx, the pretraining batches' generator is checkpointed too: without it the resumed run would
+    draw other documents (its ``ptx_loss`` would differ from the uninterrupted run's)."""
+    full = make_run(tmp_path / "full", ptx=ptx).train(4, progress=False)
+    killed = make_run(tmp_path / "killed", ptx=ptx)
     killed.train(2, progress=False)  # "killed" after the checkpoint at iteration 2
-    resumed = make_run(tmp_path / "killed").train(4, resume=True, progress=False)
+    resumed = make_run(tmp_path / "killed", ptx=ptx).train(4, resume=True, progress=False)
     assert strip_timing(resumed) == strip_timing(full)
+    assert all(m["ptx_loss"] > 0 for m in full) == ptx
 
 
 def test_resume_before_the_first_checkpoint_starts_over(tmp_path):
