@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,26 @@ def test_tiny_budget_learns_and_round_trips(tmp_path: Path) -> None:
     texts = task.corpus(__import__("numpy").random.default_rng([0, 2]), 100)
     assert heldout_perplexity(again, tok, texts) == pytest.approx(result.perplexity, rel=1e-5)
     assert json.loads((tmp_path / "lm" / "textenv_pretrain.json").read_text())["steps"] == 120
+
+
+def test_heldout_perplexity_truncates_to_a_max_position_embeddings_limit() -> None:
+    """Models that name their limit ``max_position_embeddings`` (OPT, Llama, ...) rather than GPT-2's
+    ``n_positions``: a long document keeps its first tokens, as in training, instead of an index error."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from textenv.toy import make_toy_env
+
+    tok = make_toy_env().tokenizer
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+                       max_position_embeddings=8, word_embed_proj_dim=16)  # fmt: skip
+    model = OPTForCausalLM(config)
+    long_text = "the movie was " + "good " * 20
+    first = torch.tensor([tok(long_text, add_special_tokens=False)["input_ids"][:8]])
+    assert len(tok(long_text)["input_ids"]) > 8
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(first).logits[0, :-1], first[0, 1:])
+    assert heldout_perplexity(model, tok, [long_text]) == pytest.approx(math.exp(float(nll)), rel=1e-5)
 
 
 def test_seeded_runs_are_identical() -> None:

@@ -123,12 +123,11 @@ def heldout_perplexity(
 ) -> float:
     """Perplexity per predicted token (every token after the first, EOS included) on ``texts``.
 
-    :param model: a causal LM; it is put in eval mode.
+    :param model: a causal LM; it is put in eval mode. Documents longer than its positions (`position_limit`:
+        ``n_positions`` or ``max_position_embeddings``) keep their first tokens, as in training.
     """
     model.eval()
-    docs = encode_documents(
-        texts, tokenizer, model.config.n_positions if hasattr(model.config, "n_positions") else 10**9
-    )
+    docs = encode_documents(texts, tokenizer, position_limit(model) or 10**9)
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(docs), batch_size):
         ids, mask, labels = _batch(docs[start : start + batch_size], tokenizer.pad_token_id or 0)
