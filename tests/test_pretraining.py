@@ -48,7 +48,7 @@ def test_heldout_perplexity_truncates_to_a_max_position_embeddings_limit() -> No
     torch.manual_seed(0)
     config = OPTConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
                        max_position_embeddings=8, word_embed_proj_dim=16)  # fmt: skip
-    model = OPTForCausalLM(config)
+    model = OPTForCausalLM(config).eval()
     long_text = "the movie was " + "good " * 20
     first = torch.tensor([tok(long_text, add_special_tokens=False)["input_ids"][:8]])
     assert len(tok(long_text)["input_ids"]) > 8
