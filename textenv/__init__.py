@@ -4,6 +4,7 @@
 """
 
 from textenv.env import EpisodeEndedError, InvalidActionError, TextGenerationEnv
+from textenv.errors import UnsupportedRenderModeError
 from textenv.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from textenv.policy_link import PolicyLink
 from textenv.prompts import Prompt, PromptError, PromptSource
@@ -44,6 +45,7 @@ __all__ = [
     "SamplingConfig",
     "TextGenerationEnv",
     "TextGenerationVectorEnv",
+    "UnsupportedRenderModeError",
     "WeightedSum",
     "kl_penalty",
 ]

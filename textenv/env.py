@@ -18,7 +18,7 @@ from gymnasium import spaces
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from textenv.episodes import EpisodeBatch
-from textenv.errors import EpisodeEndedError, InvalidActionError
+from textenv.errors import EpisodeEndedError, InvalidActionError, UnsupportedRenderModeError
 from textenv.kl import AdaptiveKLController, FixedKLController
 from textenv.models import load_causal_lm, load_tokenizer
 from textenv.policy_link import PolicyLink
@@ -225,7 +225,7 @@ class TextGenerationEnv(EngineAccess, gym.Env):
         decoding: str = "dynamic",
     ) -> None:
         if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(
+            raise UnsupportedRenderModeError(
                 f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}"
             )
         self.engine, self.prompt_source = build_engine(

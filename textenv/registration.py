@@ -13,7 +13,6 @@ overrides the source on any task id.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import gymnasium as gym
@@ -24,28 +23,48 @@ def _gpu_possible() -> bool:
     return torch.cuda.is_available()
 
 
-def _toy_single(**kwargs: Any):
+def _check_time_limit(env: Any, max_episode_steps: int | None) -> Any:
+    """A ``max_episode_steps`` that gymnasium's ``make_vec`` hands the vector entry point (as its own vector
+    envs take it): accepted when the token budget already ends every episode by then, else refused. The vector
+    env ends an episode at ``max_new_tokens`` as a scored termination; truncating earlier would leave episodes
+    unscored, which only a TimeLimit over single envs (``vectorization_mode="sync"``) means to do."""
+    budget = env.engine.max_new_tokens
+    if max_episode_steps is not None and max_episode_steps < budget:
+        env.close()
+        raise ValueError(
+            f"max_episode_steps={max_episode_steps} is shorter than the episodes' token budget max_new_tokens="
+            f"{budget}: pass max_new_tokens={max_episode_steps} (episodes end there and are scored), or "
+            "vectorization_mode='sync' for gymnasium's TimeLimit truncation (unscored)"
+        )
+    return env
+
+
+def make_toy_single(**kwargs: Any):
+    """``gym.make("textenv/Toy-v0")``: `textenv.toy.make_toy_env` as a single env."""
     from textenv.toy import make_toy_env
 
     return make_toy_env(None, **kwargs)
 
 
-def _toy_vector(num_envs: int = 8, **kwargs: Any):
+def make_toy_vector(num_envs: int = 8, max_episode_steps: int | None = None, **kwargs: Any):
+    """``gym.make_vec("textenv/Toy-v0", num_envs)`` in ``vector_entry_point`` mode."""
     from textenv.toy import make_toy_env
 
-    return make_toy_env(num_envs, **kwargs)
+    return _check_time_limit(make_toy_env(num_envs, **kwargs), max_episode_steps)
 
 
-def _task_single(task_name: str, default_reward: str, **kwargs: Any):
+def make_task_single(task: str, reward: str, **kwargs: Any):
+    """``gym.make("textenv/<Task>-v0")``: the task's env with its default models (built on first use)."""
     from textenv.task_env import make_task_env
 
-    return make_task_env(task_name, None, reward=kwargs.pop("reward", default_reward), **kwargs)
+    return make_task_env(task, None, reward=reward, **kwargs)
 
 
-def _task_vector(task_name: str, default_reward: str, num_envs: int = 8, **kwargs: Any):
+def make_task_vector(task: str, reward: str, num_envs: int = 8, max_episode_steps: int | None = None, **kwargs: Any):
+    """``gym.make_vec("textenv/<Task>-v0", num_envs)`` in ``vector_entry_point`` mode."""
     from textenv.task_env import make_task_env
 
-    return make_task_env(task_name, num_envs, reward=kwargs.pop("reward", default_reward), **kwargs)
+    return _check_time_limit(make_task_env(task, num_envs, reward=reward, **kwargs), max_episode_steps)
 
 
 #: env id -> (task name, default reward source)
@@ -58,16 +77,23 @@ TASK_IDS: dict[str, tuple[str, str]] = {
 
 
 def register_envs() -> list[str]:
-    """Register every textenv id (idempotent); returns the ids."""
-    specs = {
+    """Register every textenv id (idempotent); returns the ids.
+
+    Entry points are ``"module:function"`` strings and the task and reward source are the spec's kwargs, so a
+    spec serialises (``env.spec.to_json()``, as dataset tools such as Minari store it) and ``gym.make(id,
+    reward="gold")`` overrides the reward source like any other kwarg.
+    """
+    here = __name__
+    specs: dict[str, dict[str, Any]] = {
         "textenv/Toy-v0": dict(
-            entry_point=_toy_single, vector_entry_point=_toy_vector, nondeterministic=False
+            entry_point=f"{here}:make_toy_single", vector_entry_point=f"{here}:make_toy_vector", nondeterministic=False
         ),
     }
-    for env_id, (task_name, reward) in TASK_IDS.items():
+    for env_id, (task, reward) in TASK_IDS.items():
         specs[env_id] = dict(
-            entry_point=partial(_task_single, task_name, reward),
-            vector_entry_point=partial(_task_vector, task_name, reward),
+            entry_point=f"{here}:make_task_single",
+            vector_entry_point=f"{here}:make_task_vector",
+            kwargs={"task": task, "reward": reward},
             nondeterministic=_gpu_possible(),
         )
     for env_id, spec in specs.items():

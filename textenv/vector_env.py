@@ -29,6 +29,7 @@ from textenv.env import (
     build_engine,
     observation_space,
 )
+from textenv.errors import UnsupportedRenderModeError
 from textenv.kl import AdaptiveKLController, FixedKLController
 from textenv.policy_link import PolicyLink
 from textenv.render import render_row
@@ -101,7 +102,7 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
         if mode not in AUTORESET_MODES:
             raise ValueError(f"autoreset_mode must be one of {list(AUTORESET_MODES)}, got {autoreset_mode!r}")
         if render_mode not in (None, "ansi"):
-            raise ValueError(f"render_mode must be 'ansi' or None, got {render_mode!r}")
+            raise UnsupportedRenderModeError(f"render_mode must be 'ansi' or None, got {render_mode!r}")
         self.metadata = {**self.metadata, "autoreset_mode": AUTORESET_MODES[mode]}
         self.engine, self.prompt_source = build_engine(
             model, tokenizer, reward_fn, prompts, num_envs, max_prompt_tokens, max_new_tokens, stop_tokens,
