@@ -320,6 +320,21 @@ def bind_lm(env: gym.Env | VecEnv, policy: LMPolicy) -> None:
         sub.bind_policy(policy.lm)
 
 
+def bind_evaluation_env(env: gym.Env | VecEnv, policy: LMPolicy) -> None:
+    """Bind ``policy.lm`` to every sub-env of an *evaluation* env, leaving the training env's links as they are.
+
+    SB3's ``evaluate_policy(model, eval_env)`` (and any loop calling ``predict`` on another env) steps an env
+    the training links are not bound to; with nothing bound, that env's KL term assumes a uniform policy
+    (``log π = -log V``) and the returns it reports are wrong without any error. Bound to the LM, each sub-env
+    scores the action with the policy's own log-prob (its own forward, with its own KV cache).
+
+    :param env: the evaluation env (a textenv env, possibly wrapped, or an in-process ``VecEnv`` of them).
+    :param policy: the trained `LMPolicy` (e.g. ``model.policy``).
+    """
+    for sub in _sub_envs(env):
+        sub.bind_policy(policy.lm)
+
+
 def connect(algo: BaseAlgorithm, mode: str = "provide") -> list[PolicyLink] | None:
     """Wire an SB3 algorithm's `LMPolicy` to its envs' KL term; call after creating *or loading* the model.
 

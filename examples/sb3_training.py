@@ -17,9 +17,11 @@ import argparse
 import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.monitor import Monitor
 
 from agents.random_agent import evaluate
-from agents.sb3_policy import LMPolicy, SB3Agent, bind_links
+from agents.sb3_policy import LMPolicy, SB3Agent, bind_evaluation_env, bind_links
 from textenv.toy import make_toy_env
 
 
@@ -60,8 +62,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model.learn(total_timesteps=args.timesteps)
     after = evaluate(eval_env, args.eval_episodes, seed=1, agent=SB3Agent(model.policy))
     print(f"score before: {before['score']:.3f}  (kl {before['kl']:.3f})")
-    print(f"score after:  {after['score']:.3f}  (kl {after['kl']:.3f})  after {args.timesteps} steps")
-    return {"before": before["score"], "after": after["score"]}
+    print(f"score after:  {after['score']:.3f}  (kl {after['kl']:.3f}, return {after['return']:.3f})  after "
+          f"{args.timesteps} steps")
+
+    # 5. SB3's own evaluate_policy gives the same return once its env is bound to the policy's LM (unbound, the
+    #    env's KL term would assume a uniform policy). deterministic=False: the sampled policy RLHF trains.
+    sb3_env = Monitor(make_toy_env(**env_kwargs))
+    bind_evaluation_env(sb3_env, model.policy)
+    sb3_return, _ = evaluate_policy(model, sb3_env, n_eval_episodes=args.eval_episodes, deterministic=False)
+    print(f"SB3 evaluate_policy on a bound env: return {sb3_return:.3f}")
+    return {"before": before["score"], "after": after["score"], "return": after["return"], "sb3_return": sb3_return}
 
 
 if __name__ == "__main__":

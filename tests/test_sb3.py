@@ -13,7 +13,15 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 from agents.random_agent import evaluate
-from agents.sb3_policy import LMPolicy, SB3Agent, TokenIdsExtractor, bind_links, bind_lm, connect
+from agents.sb3_policy import (
+    LMPolicy,
+    SB3Agent,
+    TokenIdsExtractor,
+    bind_evaluation_env,
+    bind_links,
+    bind_lm,
+    connect,
+)
 from textenv.models import build_tiny_causal_lm, tiny_gpt2_config
 from textenv.toy import make_toy_env
 
@@ -151,6 +159,33 @@ def test_binding_the_lm_instead_also_matches_sb3_logprobs():
     assert sum(steps) > 2 * len(steps)
 
 
+def test_an_evaluation_env_bound_to_the_lm_scores_the_policys_own_logprobs():
+    """SB3's ``evaluate_policy`` steps an env the training links do not reach: unbound, its KL term would use
+    a uniform policy's log-prob (-log V); bound with `bind_evaluation_env`, the policy's. Training still works."""
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    vec_env = vec_toy(n_envs=2)
+    model = lm_ppo(vec_env, n_steps=16, batch_size=32, n_epochs=1)
+    model.learn(32)
+    eval_env = vec_toy(n_envs=3, seed=7)
+    obs = eval_env.reset()
+    actions, _ = model.predict(obs, deterministic=False)
+    vocab = eval_env.action_space.n
+    unbound = [info["logprob"] for info in eval_env.step(actions)[3]]
+    assert unbound == pytest.approx([-np.log(vocab)] * 3)
+    bind_evaluation_env(eval_env, model.policy)
+    obs = eval_env.reset()
+    actions, _ = model.predict(obs, deterministic=False)
+    with torch.no_grad():
+        expected = model.policy.get_distribution(model.policy.obs_to_tensor(obs)[0]).log_prob(torch.as_tensor(actions))
+    got = [info["logprob"] for info in eval_env.step(actions)[3]]
+    assert got == pytest.approx(expected.tolist(), abs=1e-4)
+    mean_return, _ = evaluate_policy(model, eval_env, n_eval_episodes=6)
+    assert np.isfinite(mean_return)
+    assert model.policy.links is not None  # the training links stay bound: training goes on
+    model.learn(32, reset_num_timesteps=False)
+
+
 def test_links_must_match_the_number_of_sub_envs():
     vec_env = vec_toy(n_envs=3)
     links = bind_links(vec_env)[:2]
@@ -242,7 +277,7 @@ def test_example_runs(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["sb3_training.py", "--timesteps", "128", "--eval-episodes", "20"])
     runpy.run_path("examples/sb3_training.py", run_name="__main__")
     out = capsys.readouterr().out
-    assert "score before:" in out and "score after:" in out
+    assert "score before:" in out and "score after:" in out and "SB3 evaluate_policy on a bound env" in out
 
 
 def test_lm_policy_turns_dropout_off():
