@@ -497,21 +497,18 @@ def _curves(out_dir: Path, task: str, algo: str) -> dict[str, np.ndarray]:
             "kl_std": kl.std(0), "key": np.array(key)}  # fmt: skip
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(out_dir: str | Path) -> list[Path]:
-    """``curves_<task>.png`` per task: training reward and KL per iteration, mean ± std over seeds per algorithm."""
-    plt, out_dir = _pyplot(), Path(out_dir)
+    """``curves_<task>.png`` per task: training reward and KL per iteration, mean ± std over seeds per algorithm.
+
+    On `matplotlib.figure.Figure` objects, as `agents.plots`: the caller's pyplot backend and figures are left alone.
+    """
+    from matplotlib.figure import Figure
+
+    out_dir = Path(out_dir)
     paths = []
     for task in sorted({r["task"] for r in finished_runs(out_dir)}):
-        fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+        fig = Figure(figsize=(10, 3.6), dpi=100)
+        ax_r, ax_kl = fig.subplots(1, 2)
         for algo in sorted({r["algo"] for r in finished_runs(out_dir) if r["task"] == task} - {REFERENCE}):
             c = _curves(out_dir, task, algo)
             for ax, name in ((ax_r, "reward"), (ax_kl, "kl")):
@@ -533,7 +530,6 @@ def plot_curves(out_dir: str | Path) -> list[Path]:
         fig.tight_layout()
         path = out_dir / f"curves_{task}.png"
         fig.savefig(path)
-        plt.close(fig)
         paths.append(path)
     return paths
 
@@ -544,10 +540,13 @@ def plot_frontier(out_dir: str | Path) -> Path:
     Each run is a dot; the line traces its algorithm's mean (KL, reward) over training iterations, so the
     plot shows both where each algorithm ends and what reward it buys per nat of drift.
     """
-    plt, out_dir = _pyplot(), Path(out_dir)
+    from matplotlib.figure import Figure
+
+    out_dir = Path(out_dir)
     results = finished_runs(out_dir)
     tasks = sorted({r["task"] for r in results}) or ["(no runs)"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.8), dpi=100, squeeze=False)
+    fig = Figure(figsize=(5 * len(tasks), 3.8), dpi=100)
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         reference = [r for r in results if r["task"] == task and r["algo"] == REFERENCE]
         if reference:
@@ -571,5 +570,4 @@ def plot_frontier(out_dir: str | Path) -> Path:
     fig.tight_layout()
     path = out_dir / "frontier.png"
     fig.savefig(path)
-    plt.close(fig)
     return path

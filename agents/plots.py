@@ -5,11 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-
 PLOTTED = {
     "score": "reward-model score",
     "gold": "gold reward",
@@ -19,7 +14,13 @@ PLOTTED = {
 
 
 def plot_metrics(metrics: Sequence[dict[str, float]], out_dir: str | Path) -> list[Path]:
-    """One PNG per plotted metric present in ``metrics`` (iteration on the x axis); returns the paths."""
+    """One PNG per plotted metric present in ``metrics`` (iteration on the x axis); returns the paths.
+
+    Draws on `matplotlib.figure.Figure` objects, not pyplot: no backend is switched and no global figure state
+    touched in the caller's process, and matplotlib is imported only here, when a run writes its plots.
+    """
+    from matplotlib.figure import Figure
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -27,7 +28,8 @@ def plot_metrics(metrics: Sequence[dict[str, float]], out_dir: str | Path) -> li
     for key, title in PLOTTED.items():
         if not metrics or key not in metrics[0]:
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        fig = Figure(figsize=(5, 3.2), dpi=100)
+        ax = fig.subplots()
         ax.plot(x, [m[key] for m in metrics], marker=".")
         ax.set_xlabel("PPO iteration")
         ax.set_title(title)
@@ -35,6 +37,5 @@ def plot_metrics(metrics: Sequence[dict[str, float]], out_dir: str | Path) -> li
         fig.tight_layout()
         path = out_dir / f"{key}.png"
         fig.savefig(path)
-        plt.close(fig)
         paths.append(path)
     return paths

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     decoders = {"dynamic": IncrementalLM(models["policy"]), "compiled": make_decoder(models["policy"], "compiled")}
     logits = torch.randn(B, len(tokenizer), device=args.device)
     logprobs = torch.log_softmax(logits, -1)
-    policy_logits = logits.to(torch.bfloat16 if args.bf16 else torch.float32)  # what the decode step hands over
+    policy_logits = logits  # float32 whatever the weights: what the decode step hands over
     sampling, fused = SamplingConfig(), FusedSampler(SamplingConfig())
     fused.logprobs_and_tokens(policy_logits, uniform_draws(B, None, logits.device))  # compiles
     scorer = RewardModelScorer(models["reward"], tokenizer, batch_size=B, normalize=False)

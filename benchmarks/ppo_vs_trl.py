@@ -150,9 +150,14 @@ def run_trl(models, prompts, args, config) -> tuple[float, float | None, list[fl
         temperature=1.0, stop_token=None, use_cpu=not args.device.startswith("cuda"), logging_steps=10**6,
         seed=0, dataloader_num_workers=0, gradient_checkpointing=False,  # textenv does not checkpoint either
     )  # fmt: skip
+    # The frozen reference and RM in bf16 with --bf16, as textenv's side has them: TRL's mixed precision
+    # (accelerate's autocast) wraps only the prepared policy-and-value model's forward, not its generation nor
+    # the reference and reward forwards, so fp32 copies would run those in fp32.
+    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
     trainer = PPOTrainer(
         args=trl_args, processing_class=tokenizer, model=copy.deepcopy(models["policy"]),
-        ref_model=copy.deepcopy(models["reference"]), reward_model=models["reward"], train_dataset=dataset,
+        ref_model=copy.deepcopy(models["reference"]).to(frozen_dtype),
+        reward_model=copy.deepcopy(models["reward"]).to(frozen_dtype), train_dataset=dataset,
         value_model=value_model, callbacks=[clock],
     )  # fmt: skip
     peak = PeakMemory(args.device, args.cpu_memory)

@@ -8,6 +8,8 @@ whole sequence every token (what a naive env would do), so the difference is vis
     python benchmarks/scaling.py --shape gpt2 --batch 64 --prompt 64 --device cuda --bf16 --decoding compiled
 
 With ``--decoding compiled`` each length is a new cache shape, compiled in the untimed warm-up run.
+``--no-uncached`` skips the uncached loop (it does not depend on ``--decoding``): on a GPU the compiles
+already take most of a 10-minute call.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def uncached_steps(model, ids: torch.Tensor, steps: int) -> None:
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser = benchmark_parser(__doc__, batch=16, new=None, repeats=2)
     parser.add_argument("--lengths", default="32,64,128,256,512")
+    parser.add_argument("--no-uncached", action="store_true", help="skip the uncached (full re-forward) loop")
     args = parse_benchmark_args(parser, argv)
     lengths = [int(x) for x in args.lengths.split(",")]
     models = build(args.shape, args.prompt + max(lengths), args.device, torch.bfloat16 if args.bf16 else torch.float32)
@@ -56,14 +59,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
                                          no_fused_sampling=args.no_fused_sampling)  # fmt: skip
         agent = rollout_agent(models, prompts, settings)
         seconds, steps = timed(lambda a=agent: int((a.rollout().mask.sum(0) > 0).sum()), args.device, args.repeats)
-        ids = models["tokenizer"](prompts, return_tensors="pt")["input_ids"].to(args.device)
-        naive, _ = timed(lambda n=new, i=ids: uncached_steps(models["policy"], i, n), args.device, 1)
+        naive = float("nan")
+        if not args.no_uncached:
+            ids = models["tokenizer"](prompts, return_tensors="pt")["input_ids"].to(args.device)
+            naive, _ = timed(lambda n=new, i=ids: uncached_steps(models["policy"], i, n), args.device, 1)
         row = {"new_tokens": new, "ms_per_step": 1000 * seconds / steps, "uncached_ms_per_step": 1000 * naive / new}
         rows.append(row)
         print(f"{new:>10} {row['ms_per_step']:>16.2f} {row['uncached_ms_per_step']:>17.2f}")
     first, last = rows[0]["ms_per_step"], rows[-1]["ms_per_step"]
-    print(f"textenv per-step cost grows {last / first:.2f}x from {lengths[0]} to {lengths[-1]} tokens "
-          f"(uncached: {rows[-1]['uncached_ms_per_step'] / rows[0]['uncached_ms_per_step']:.2f}x)")  # fmt: skip
+    uncached = "" if args.no_uncached else (
+        f" (uncached: {rows[-1]['uncached_ms_per_step'] / rows[0]['uncached_ms_per_step']:.2f}x)"
+    )
+    print(f"textenv per-step cost grows {last / first:.2f}x from {lengths[0]} to {lengths[-1]} tokens{uncached}")
     return rows
 
 

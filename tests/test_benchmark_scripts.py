@@ -41,6 +41,8 @@ def test_scaling_benchmark_reports_every_length():
     rows = scaling.main(["--batch", "2", "--prompt", "4", "--lengths", "4,8", "--repeats", "1", "--decoding", "static"])
     assert [r["new_tokens"] for r in rows] == [4, 8]
     assert all(r["ms_per_step"] > 0 and r["uncached_ms_per_step"] > 0 for r in rows)
+    rows = scaling.main(["--batch", "2", "--prompt", "4", "--lengths", "4", "--repeats", "1", "--no-uncached"])
+    assert rows[0]["ms_per_step"] > 0 and math.isnan(rows[0]["uncached_ms_per_step"])
 
 
 def run_tiny_textenv_side(decoding: str, cpu_memory: bool, defer_kl: bool = False, warmup: int = 0):

@@ -437,10 +437,13 @@ class StaticIncrementalLM(IncrementalLM):
         self.forward_calls += 1
         self.tokens_processed += tokens.numel()
         self.length += 1
-        logits, hidden = logits.float(), None if hidden is None else hidden.float()
-        if self._cuda_graphs:  # copies, not views: a CUDA-graph replay overwrites its outputs on the next step
-            logits, hidden = logits.clone(), None if hidden is None else hidden.clone()
-        return StepOutput(logits, hidden)
+        return StepOutput(self._owned(logits), None if hidden is None else self._owned(hidden))
+
+    def _owned(self, output: torch.Tensor) -> torch.Tensor:
+        """A step output in float32 that the next step cannot overwrite: a CUDA-graph replay reuses its output
+        memory, so a float32 output is copied; a bf16 one is already copied by the cast (no second copy)."""
+        owned = output.float()
+        return owned.clone() if self._cuda_graphs and owned is output else owned
 
     @torch.no_grad()
     def replace_rows(self, rows: Sequence[int], sequences: Sequence[torch.Tensor]) -> StepOutput:
