@@ -160,3 +160,21 @@ def test_a_task_with_a_gold_reward_records_it(arithmetic_models, tmp_path):
     result = run_one("rloo", "arithmetic", 0, 1, tmp_path, BenchmarkSettings(num_envs=4, eval_prompts=8))
     assert result["gold"] is not None and result["reward"] == result["gold"]
     assert "gold" in read_metrics(run_dir_of(tmp_path, "arithmetic", "rloo", 0))[0]
+
+
+def test_cli_help_shows_each_options_default(capsys):
+    """Every subcommand's --help gives the defaults a user would otherwise read from the code, and none that
+    only means "taken from the task or config" (None) or an unset flag."""
+    from textenv.cli import build_parser
+
+    parser = build_parser()
+    for command, expected in (("benchmark", "(default: ppo,rloo,grpo,sb3-ppo)"), ("train-rm", "(default: 1000)"),
+                              ("preferences", "(default: 100)")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        out = capsys.readouterr().out
+        assert expected in out, (command, out)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["rlhf", "--help"])
+    out = capsys.readouterr().out
+    assert "--iterations" in out and "(default: None)" not in out and "(default: False)" not in out

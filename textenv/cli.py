@@ -24,11 +24,11 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", type=Path, help="an LM folder to fine-tune instead of a new tiny model")
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder for --corpus (default: the --init folder's, "
                    "else a word-level tokenizer over the corpus)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64, help="documents per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     p.add_argument("--n-docs", type=int, default=20000, help="corpus size for --task")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the corpus, the model and the batches")
     p.add_argument("--out", type=Path, required=True, help="folder to save the LM and tokenizer in")
     p.set_defaults(func=run_pretrain)
 
@@ -59,7 +59,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm", type=Path, help="LM folder to sample from (default: the task's default LM)")
     p.add_argument("--n", type=int, default=100, help="number of prompts")
     p.add_argument("--k", type=int, default=2, help="completions per prompt (at least 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the sampling")
 
 
 def _sample(args: argparse.Namespace) -> list:
@@ -154,10 +154,10 @@ def add_train_rm(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lm", type=Path, required=True, help="LM folder: its tokenizer, and its trunk unless --scratch")
     p.add_argument("--scratch", action="store_true", help="start from a new tiny model instead of the LM's trunk")
     p.add_argument("--task", help="the task, for joining text and reporting agreement with its gold reward")
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the default builds use 1500)")
     p.add_argument("--batch-size", type=int, default=16, help="records per step")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (the sentiment build uses 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, the model and the batches")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=run_train_rm)
 
@@ -263,7 +263,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", help="reference LM (default: the task's pretrained LM)")
     p.add_argument("--rm", help="reward model folder (default: the task's RM)")
     p.add_argument("--prompts", type=int, default=256, help="number of held-out prompts")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the sampling")
     p.add_argument("--out", type=Path, help="write the metrics and samples as JSON here")
     p.set_defaults(func=run_evaluate)
 
@@ -347,11 +347,23 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]  # fmt: skip
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except where it is None or False (a flag, or a value the command
+    takes from the task or config, which the help text names)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textenv", description="RLHF as a Gymnasium environment.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<subcommand>")
     for add in SUBCOMMANDS:
         add(sub)
+    for subparser in sub.choices.values():
+        subparser.formatter_class = DefaultsHelpFormatter
     return parser
 
 
