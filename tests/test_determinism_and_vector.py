@@ -117,7 +117,7 @@ def test_next_step_infos_match_gymnasiums_sync_vector_env():
         np.testing.assert_array_equal(obs["input_ids"], sync_obs["input_ids"])
         np.testing.assert_allclose(rewards, sync_rewards, atol=1e-5)
         np.testing.assert_array_equal(terminated, sync_terminated)
-        for key in ("score", "text", "prompt"):
+        for key in ("score", "text", "prompt", "kl_coef", "logprob"):
             np.testing.assert_array_equal(info.get(f"_{key}", np.zeros(B, bool)), sync_info.get(f"_{key}", np.zeros(B, bool)))
             rows = np.flatnonzero(info.get(f"_{key}", np.zeros(B, bool)))
             assert [info[key][r] for r in rows] == [sync_info[key][r] for r in rows], key

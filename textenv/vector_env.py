@@ -249,7 +249,7 @@ class TextGenerationVectorEnv(EngineAccess, gym.vector.VectorEnv):
             "kl": out.kl,
             "_kl": known_kl,
             "kl_coef": np.full(self.num_envs, out.kl_coef),
-            "_kl_coef": np.ones(self.num_envs, dtype=bool),
+            "_kl_coef": active,  # rows that took a step (a row being reset gets its reset's info only)
         }
         ended = out.terminated
         scored = np.zeros(self.num_envs, dtype=bool)
