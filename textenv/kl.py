@@ -101,8 +101,8 @@ class AdaptiveKLController:
 
     @staticmethod
     def _check(value: float, target: float, horizon: float) -> None:
-        """Refuse settings that would make β negative, NaN or infinite: written as ``not (x > 0)`` so that NaN,
-        which compares false with everything, is refused too (``x <= 0`` would let it through)."""
+        """Refuse settings that would make β negative, NaN or infinite: written as ``not (0 < x < inf)`` so that
+        NaN, which compares false with everything, is refused too (``x <= 0`` would let it through)."""
         if not (0 <= value < math.inf and 0 < target < math.inf and 0 < horizon < math.inf):
             raise ValueError(
                 f"need finite value >= 0, target > 0 and horizon > 0; got value={value}, target={target}, "
