@@ -105,6 +105,7 @@ def _build_ppo(env: Any, s: BenchmarkSettings, seed: int, iterations: int, gold:
     mb = min(s.minibatch_size, env.num_envs)
     config = PPOConfig(
         learning_rate=s.learning_rate,
+        anneal_lr=False,  # the same constant learning rate as every other algorithm in the grid
         total_iterations=iterations,
         minibatch_size=mb,
         micro_batch_size=mb,

@@ -164,7 +164,9 @@ class PPOConfig:
     does), instead of one cached reference forward per token; same rewards to float tolerance, faster
     rollouts, but the env's per-step infos then lack ``kl`` (see docs/mdp.md, "Deferred KL")."""
     seed: int = 0
-    """Seeds sampling and the minibatch order."""
+    """Seeds sampling, the minibatch order and the env's prompt draws: row ``i`` of a batch of ``B`` draws its
+    prompts with seed ``seed · B + i``, so runs with different seeds never share a row's prompt stream (with
+    Gymnasium's ``seed + i`` per row, seed 1 would draw seed 0's prompts shifted by one row)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -232,7 +234,9 @@ class PPOAgent:
             decoding=self.config.decoding, autocast=self._autocast, prefetch=True, guards_once_per_batch=True,
         )  # fmt: skip
         env.bind_policy(self.link)
-        env.reset(seed=self.config.seed)  # seeds each row's prompt generator (seed + row), as Gymnasium does
+        # Each row's prompt generator gets ``seed · B + row`` (Gymnasium's vector envs add the row): a block of
+        # seeds per run, disjoint from another seed's block.
+        env.reset(seed=self.config.seed * env.num_envs)
         # No weight decay, as TRL (transformers Trainer's default) and the policy-gradient agents; AdamW's own is 0.01.
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.config.learning_rate, eps=1e-5, weight_decay=0.0)
         self.generator = torch.Generator(device="cpu").manual_seed(self.config.seed)  # on CPU: same draws on any device

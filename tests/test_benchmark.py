@@ -178,3 +178,17 @@ def test_cli_help_shows_each_options_default(capsys):
         parser.parse_args(["rlhf", "--help"])
     out = capsys.readouterr().out
     assert "--iterations" in out and "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_ppo_seeds_draw_disjoint_prompt_streams_and_keep_the_grids_constant_lr():
+    """Row ``i`` of a seed-``s`` PPO run draws prompts with seed ``s·B + i``: with Gymnasium's ``s + i`` per row,
+    seed 1 would train on seed 0's prompts shifted by one row. And the grid gives PPO the constant learning rate
+    every other algorithm has (PPOConfig anneals it by default)."""
+    world = bench.task_world("toy", TINY)
+    agents = [bench.ALGORITHMS["ppo"].build(world.make_env(8), TINY, seed, 2, None) for seed in (0, 1)]
+    streams = [[tuple(rng.integers(10**9, size=4)) for rng in agent.env._row_rngs] for agent in agents]
+    assert not set(streams[0]) & set(streams[1])
+    agent = agents[0]
+    for _ in range(2):
+        agent.iteration_step()
+        assert agent.optimizer.param_groups[0]["lr"] == TINY.learning_rate
