@@ -41,6 +41,29 @@ def test_reward_model_scores_last_real_token_whatever_the_padding(tokenizer):
         assert s == pytest.approx(float(alone), abs=1e-5)
 
 
+def test_an_overlong_text_loses_its_start_not_the_completion_the_score_is_read_from(tokenizer):
+    """The RM reads its score at the last token: a text longer than ``max_length`` must keep its end. (The
+    ``truncation_side="left"`` call argument is ignored by transformers 5's fast tokenizers: it kept the
+    start, so two texts differing only in their last words scored the same.)"""
+    from textenv.models import encode_truncating_left
+    from textenv.reward_model_training import _encode
+
+    rm = build_tiny_reward_model(
+        tiny_gpt2_config(len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=1
+    ).eval()
+    scorer = RewardModelScorer(rm, tokenizer, normalize=False, max_length=6)
+    prompt = "the movie was really really really good and the plot was"
+    good, bad = scorer([prompt, prompt], ["very good .", "very awful ."])
+    assert good != pytest.approx(float(bad), abs=1e-6)
+    tail = tokenizer(f"{prompt} very good .", add_special_tokens=False)["input_ids"][-6:]
+    with torch.no_grad():
+        assert float(good) == pytest.approx(float(rm(torch.tensor([tail])).logits[0, 0]), abs=1e-5)
+    assert _encode(tokenizer, [f"{prompt} very good ."], 6) == [tail]  # RM training cuts the same way
+    assert tokenizer.truncation_side == "right"  # restored after the call
+    short = tokenizer("the movie", add_special_tokens=False)["input_ids"]
+    assert encode_truncating_left(tokenizer, ["the movie"], max_length=6)["input_ids"] == [short]
+
+
 def test_compiled_reward_model_scores_like_the_eager_one_at_every_shape(tokenizer):
     """``compile=True`` (dynamic shapes) must give the eager scores for batches of other sizes and lengths."""
     rm = build_tiny_reward_model(

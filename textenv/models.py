@@ -236,6 +236,22 @@ def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> b
     return a is b or a.get_vocab() == b.get_vocab()
 
 
+def encode_truncating_left(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], **kwargs: Any) -> Any:
+    """``tokenizer(texts, truncation=True, **kwargs)`` with texts too long cut on the left, keeping their end.
+
+    A reward model reads its score at the last token, so an over-long ``prompt + completion`` must lose the start
+    of the prompt, never the end of the completion. Passing ``truncation_side="left"`` in the call is silently
+    ignored by transformers 5's fast tokenizers (only ``padding_side`` is a call argument), so the tokenizer's
+    attribute is set for the call and restored after it.
+    """
+    before = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(list(texts), truncation=True, **kwargs)
+    finally:
+        tokenizer.truncation_side = before
+
+
 def pad_left(
     sequences: Sequence[torch.Tensor], pad_id: int, length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 from textenv.models import (
     ModelLoadError,
     build_tiny_reward_model,
+    encode_truncating_left,
     position_limit,
     save_model_folder,
     tiny_gpt2_config,
@@ -98,7 +99,7 @@ def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length
     """Token ids as `textenv.rewards.RewardModelScorer` scores them: with the tokenizer's special tokens (a BOS,
     say), and a text too long for the RM cut on the left by the tokenizer, which keeps those tokens (the score is
     read at the last token)."""
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, truncation_side="left")["input_ids"]
+    encoded = encode_truncating_left(tokenizer, texts, max_length=max_length)["input_ids"]
     for text, ids in zip(texts, encoded, strict=True):
         if not ids:
             raise ValueError(f"text {text!r} has no tokens")

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from textenv.models import encode_truncating_left, position_limit
+
 
 class RewardError(ValueError):
     """A reward function returned something that is not one finite float per episode."""
@@ -200,9 +202,7 @@ class RewardModelScorer(RewardFunction):
         self.label_index = label_index
         self.join = join
         self.batch_size = batch_size
-        self.max_length = (
-            max_length or getattr(model.config, "n_positions", None) or tokenizer.model_max_length
-        )
+        self.max_length = max_length or position_limit(model) or tokenizer.model_max_length
         self.name = f"reward_model({getattr(model.config, 'name_or_path', '') or type(model).__name__})"
         n_labels = int(getattr(model.config, "num_labels", 1))
         if not 0 <= label_index < n_labels:
@@ -229,15 +229,10 @@ class RewardModelScorer(RewardFunction):
         out = []
         for start in range(0, len(texts), self.batch_size):
             chunk = list(texts[start : start + self.batch_size])
-            enc = self.tokenizer(
-                chunk,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
+            enc = encode_truncating_left(
+                self.tokenizer, chunk, return_tensors="pt", padding=True, max_length=self.max_length,
                 padding_side="left",
-                truncation_side="left",
-            ).to(device)
+            ).to(device)  # fmt: skip
             positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             logits = self._forward(**enc, position_ids=positions).logits
             out.append(logits[:, self.label_index].float().cpu())
