@@ -103,3 +103,14 @@ def test_training_reads_the_tokens_the_scorer_reads_with_a_bos_tokenizer() -> No
     trained_on = score_texts(model, tokenizer, texts)
     scored = RewardModelScorer(model, tokenizer, normalize=False).raw_scores(texts).numpy()
     np.testing.assert_allclose(trained_on, scored, rtol=1e-5, atol=1e-6)
+
+
+def test_identical_completions_count_as_half_right_not_as_errors() -> None:
+    """A held-out pair of identical completions always gets equal scores; counted as wrong, it pushed
+    ``heldout_accuracy_all`` below chance (0.461 on the arithmetic build, where 16% of pairs are identical)."""
+    task = SentimentTask()
+    same = [PreferenceRecord(f"review : {i}", ["it was good .", "it was good ."], ranking=[0, 1], id=str(i))
+            for i in range(20)]  # fmt: skip
+    result = train_reward_model(same, task.tokenizer(), steps=2, seed=0, config_overrides=dict(n_embd=16, n_layer=1),
+                                progress=False)  # fmt: skip
+    assert result.n_heldout_pairs > 0 and result.heldout_accuracy_all == 0.5

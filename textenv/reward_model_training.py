@@ -50,7 +50,8 @@ class RMResult:
 
     :ivar heldout_accuracy: how often the RM prefers the labelled winner on held-out pairs; with a task,
         on the pairs whose gold rewards differ (the same pairs as the two agreements below).
-    :ivar heldout_accuracy_all: the same on all held-out pairs.
+    :ivar heldout_accuracy_all: the same on all held-out pairs. Equal scores count as half right (identical
+        completions always tie).
     :ivar annotator_gold_agreement: how often the held-out *labels* agree with the gold reward (the yardstick).
     :ivar rm_gold_agreement: how often the RM agrees with the gold reward on those pairs.
     :ivar mean: mean raw RM score on reference samples (stored as ``textenv_reward_mean``).
@@ -267,7 +268,9 @@ def train_reward_model(
     if held_pairs:
         chosen = score_texts(model, tokenizer, [join(p.prompt, p.chosen) for p in held_pairs])
         rejected = score_texts(model, tokenizer, [join(p.prompt, p.rejected) for p in held_pairs])
-        rm_right = chosen > rejected
+        # A tie counts as half right, as a coin flip would score: identical completions (common in small text
+        # worlds) always score the same, and counting those as wrong pushed the accuracy below chance.
+        rm_right = (chosen > rejected) + 0.5 * (chosen == rejected)
         acc = acc_all = float(rm_right.mean())
         if task is not None:
             prompts = [p.prompt for p in held_pairs]
