@@ -52,10 +52,16 @@ def group_normalized_advantages(
 
 @dataclass
 class GRPOConfig(PolicyGradientConfig):
-    """GRPO (see `PolicyGradientConfig` for the shared fields); defaults follow Shao et al. and TRL."""
+    """GRPO (see `PolicyGradientConfig` for the shared fields).
+
+    The clip range, the unbiased group std and the per-completion token mean are Shao et al.'s (TRL's
+    ``loss_type="grpo"``; TRL 1.10 defaults to ``"dapo"``, a token mean over the whole batch). Two epochs
+    differ from TRL's default ``num_iterations=1``: with one pass the ratio is 1 and the clip never acts.
+    """
 
     epochs: int = 2
-    """Passes over each rollout batch (the paper's μ); the clipped ratio keeps later passes near π_old."""
+    """Passes over each rollout batch (the paper's μ; TRL's ``num_iterations``, default 1 there); the clipped
+    ratio keeps later passes near π_old."""
     clip_range: float | None = 0.2
     """PPO ratio clip ε per token (None: unclipped score-function loss)."""
     token_reduction: str = "mean"

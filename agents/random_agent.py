@@ -1,4 +1,4 @@
-"""A random agent and the episode-level evaluation loop: the floor row of every benchmark table.
+"""A random agent and the episode-level evaluation loop: the floor of docs/baseline_scores.md.
 
 A learner is only interesting if it beats picking tokens at random, so benchmarks need that number on the
 same env, seeds and metrics. `RandomAgent` samples uniformly over the whole action space (every id the LM
