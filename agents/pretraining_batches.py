@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from textenv.models import pad_left
+from textenv.models import pad_left, padding_id
 from textenv.pretraining import encode_documents
 
 
@@ -45,8 +45,7 @@ class PretrainingBatches:
     ) -> PretrainingBatches:
         """Encode ``texts`` as pretraining does (`textenv.pretraining.encode_documents`: EOS appended, at most
         ``max_length`` tokens each) and pad with the tokenizer's pad id (its EOS if it has none)."""
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(encode_documents(texts, tokenizer, max_length), batch_size, int(pad_id), seed)
+        return cls(encode_documents(texts, tokenizer, max_length), batch_size, padding_id(tokenizer), seed)
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` of ``batch_size`` documents, left-padded as the policy's inputs are."""

@@ -316,8 +316,7 @@ def bind_lm(env: gym.Env | VecEnv, policy: LMPolicy) -> None:
     :param policy: the SB3 policy whose LM the envs should score actions with.
     """
     policy.links = None
-    for sub in _sub_envs(env):
-        sub.bind_policy(policy.lm)
+    bind_evaluation_env(env, policy)  # the same binding; here the links are dropped, as no env reads them now
 
 
 def bind_evaluation_env(env: gym.Env | VecEnv, policy: LMPolicy) -> None:

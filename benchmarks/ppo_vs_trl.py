@@ -81,12 +81,16 @@ def models_of(models: dict) -> list[torch.nn.Module]:
     return [m for m in models.values() if isinstance(m, torch.nn.Module)]
 
 
+def frozen_copy(model: torch.nn.Module, args) -> torch.nn.Module:
+    """A side's own copy of a frozen model (reference, RM): bf16 with --bf16 on both sides, as they need no fp32
+    master weights (the policies keep fp32 weights under bf16 autocast). TRL's mixed precision (accelerate's
+    autocast) wraps only its prepared policy-and-value forward, not its reference and reward forwards, so
+    fp32 copies would run those in fp32."""
+    return copy.deepcopy(model).to(torch.bfloat16 if args.bf16 else torch.float32)
+
+
 def run_textenv(models, prompts, args) -> tuple[float, float | None, dict]:
-    # The frozen reference and RM need no fp32 master weights: with --bf16 they run in bf16 (the policy
-    # keeps fp32 weights under bf16 autocast, like TRL's mixed precision).
-    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
-    reference = copy.deepcopy(models["reference"]).to(frozen_dtype)
-    reward = copy.deepcopy(models["reward"]).to(frozen_dtype)
+    reference, reward = frozen_copy(models["reference"], args), frozen_copy(models["reward"], args)
     env = TextGenerationVectorEnv(
         reference, RewardModelScorer(reward, models["tokenizer"], batch_size=len(prompts), compile=args.decoding == "compiled"),
         prompts, num_envs=len(prompts), tokenizer=models["tokenizer"], max_prompt_tokens=args.prompt,
@@ -150,15 +154,10 @@ def run_trl(models, prompts, args, config) -> tuple[float, float | None, list[fl
         temperature=1.0, stop_token=None, use_cpu=not args.device.startswith("cuda"), logging_steps=10**6,
         seed=0, dataloader_num_workers=0, gradient_checkpointing=False,  # textenv does not checkpoint either
     )  # fmt: skip
-    # The frozen reference and RM in bf16 with --bf16, as textenv's side has them: TRL's mixed precision
-    # (accelerate's autocast) wraps only the prepared policy-and-value model's forward, not its generation nor
-    # the reference and reward forwards, so fp32 copies would run those in fp32.
-    frozen_dtype = torch.bfloat16 if args.bf16 else torch.float32
     trainer = PPOTrainer(
         args=trl_args, processing_class=tokenizer, model=copy.deepcopy(models["policy"]),
-        ref_model=copy.deepcopy(models["reference"]).to(frozen_dtype),
-        reward_model=copy.deepcopy(models["reward"]).to(frozen_dtype), train_dataset=dataset,
-        value_model=value_model, callbacks=[clock],
+        ref_model=frozen_copy(models["reference"], args), reward_model=frozen_copy(models["reward"], args),
+        train_dataset=dataset, value_model=value_model, callbacks=[clock],
     )  # fmt: skip
     peak = PeakMemory(args.device, args.cpu_memory)
     # trainer.model: the policy and the value model

@@ -236,6 +236,12 @@ def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> b
     return a is b or a.get_vocab() == b.get_vocab()
 
 
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its EOS (GPT-2-style tokenizers have no pad).
+    Padding is always masked out, so any id works; these are the ones models were trained to see there."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
 def encode_truncating_left(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], **kwargs: Any) -> Any:
     """``tokenizer(texts, truncation=True, **kwargs)`` with texts too long cut on the left, keeping their end.
 

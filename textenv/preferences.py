@@ -288,10 +288,12 @@ def sample_completions(
     """
     import torch
 
+    from textenv.models import padding_id
+
     if k < 1:
         raise ValueError("k must be >= 1")
     flat = [p for p in prompts for _ in range(k)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     texts: list[str] = []
     try:

@@ -23,7 +23,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.models import build_tiny_causal_lm, position_limit, save_model_folder, tiny_gpt2_config
+from textenv.models import (
+    build_tiny_causal_lm,
+    padding_id,
+    position_limit,
+    save_model_folder,
+    tiny_gpt2_config,
+)
 from textenv.tasks.base import Task
 
 METRICS_FILE = "textenv_pretrain.json"
@@ -191,7 +197,7 @@ def pretrain_lm(
     docs = encode_documents(texts, tokenizer, max_length)
     if not docs:
         raise ValueError("all training documents are empty after tokenisation")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     device = model.device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
 
