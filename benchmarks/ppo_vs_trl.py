@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import importlib.metadata
 import itertools
 import os
 import sys
@@ -136,10 +137,31 @@ class IterationClock(TrainerCallback):
         self.stamps.append(synchronized_clock(self.device))
 
 
+def import_trl_ppo() -> tuple[type, type]:
+    """TRL's ``(PPOTrainer, PPOConfig)``, or an ImportError that says which TRL releases have them.
+
+    TRL moved its PPO trainer to ``trl.experimental.ppo`` in 1.10 and removed it in 1.13
+    (huggingface/trl#7020), so the ``bench`` extra pins ``trl>=1.10,<1.13``; a newer TRL installed by hand
+    would otherwise fail here with a bare ``No module named 'trl.experimental.ppo'``.
+    """
+    try:
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+    except ImportError as error:
+        try:
+            found = f"trl {importlib.metadata.version('trl')} is installed"
+        except importlib.metadata.PackageNotFoundError:
+            found = "trl is not installed"
+        raise ImportError(
+            f"the TRL side needs trl.experimental.ppo.PPOTrainer, which TRL 1.10 to 1.12 have ({found}; TRL removed "
+            'its PPO trainer in 1.13): pip install -e ".[bench]" installs a release that has it'
+        ) from error
+    return PPOTrainer, PPOConfig
+
+
 def run_trl(models, prompts, args, config) -> tuple[float, float | None, list[float]]:
     from datasets import Dataset
-    from trl.experimental.ppo import PPOConfig as TRLConfig
-    from trl.experimental.ppo import PPOTrainer
+
+    PPOTrainer, TRLConfig = import_trl_ppo()
 
     tokenizer = models["tokenizer"]
     iterations = args.warmup + args.iterations

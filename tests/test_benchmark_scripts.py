@@ -1,10 +1,14 @@
 """The benchmark scripts run end to end on the tiny shape (their figures are measured by hand, not here)."""
 
 import math
+import sys
+import tomllib
 import types
+from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 from benchmarks import components, ppo_vs_trl, profile_rollout, rollout, scaling, update_memory
 from benchmarks.common import apply_agent_options, build, random_prompts
@@ -63,6 +67,20 @@ def test_ppo_benchmark_textenv_side_runs_without_trl():
     assert split["rollout_seconds"] + split["update_seconds"] < 4 / episodes_per_s  # both within the iteration
     (iteration,) = split["iteration_seconds"]  # one timed iteration; the warm-up one is not timed
     assert iteration == pytest.approx(4 / episodes_per_s)
+
+
+def test_the_bench_extra_installs_a_trl_that_has_its_ppo_trainer():
+    """TRL moved PPOTrainer to trl.experimental in 1.10 and removed it in 1.13: the extra must stay inside."""
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    (trl,) = [Requirement(r) for r in pyproject["project"]["optional-dependencies"]["bench"] if r.startswith("trl")]
+    assert "1.10.0" in trl.specifier and "1.12.0" in trl.specifier
+    assert "1.9.2" not in trl.specifier and "1.13.0" not in trl.specifier and "1.16.0" not in trl.specifier
+
+
+def test_a_trl_without_its_ppo_trainer_gets_an_error_naming_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl.experimental.ppo", None)  # as on TRL >= 1.13 (or no TRL at all)
+    with pytest.raises(ImportError, match=r"removed its PPO trainer in 1\.13.*pip install -e \"\.\[bench\]\""):
+        ppo_vs_trl.import_trl_ppo()
 
 
 def test_trl_window_is_the_sum_of_its_timed_iterations():
