@@ -14,6 +14,7 @@ reuses its artefact if the run folder already has it, so ``resume=True`` continu
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +73,15 @@ class RLHFConfig:
     seconds up front and pays in long runs and on GPUs."""
     ppo: dict[str, Any] = field(default_factory=lambda: dict(learning_rate=2e-4, minibatch_size=16, micro_batch_size=16))
     """Extra `PPOConfig` fields."""
+    lora_r: int = 0
+    """If > 0, PPO trains LoRA adapters of this rank (peft: ``pip install -e ".[lora]"``) instead of every
+    weight of the LM, so the gradients and Adam's moments cover only the adapters and the value head. The
+    run's ``ppo/policy/`` then holds the LM with the adapters merged in, and ``ppo/policy_adapter/`` the
+    adapters alone. LoRA usually wants a higher ``ppo.learning_rate`` than full fine-tuning."""
+    lora_alpha: int = 16
+    """LoRA's scaling numerator (the adapters' output is scaled by ``lora_alpha / lora_r``)."""
+    lora_target_modules: list[str] | None = None
+    """The modules to adapt (None: peft's defaults for the architecture, e.g. GPT-2's ``c_attn``)."""
     eval_prompts: int = 256
     """Held-out prompts for the before/after evaluation."""
     checkpoint_every: int = 5
@@ -154,6 +164,10 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
     console = console or Console()
     if cfg.decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {cfg.decoding!r}")
+    if cfg.lora_r < 0:
+        raise ValueError(f"lora_r must be >= 0 (0: full fine-tuning), got {cfg.lora_r}")
+    if cfg.lora_r > 0 and importlib.util.find_spec("peft") is None:
+        raise ImportError('lora_r > 0 needs peft, an optional dependency: pip install -e ".[lora]"')
     task = get_task(cfg.task)
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
@@ -183,7 +197,7 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
         kl_coef=AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon), autoreset_mode="Disabled",
         join=task.join, decoding=ppo_config.decoding,
     )  # fmt: skip
-    policy = PolicyWithValueHead(copy.deepcopy(reference))
+    policy = PolicyWithValueHead(copy.deepcopy(reference), cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
     agent = PPOAgent(policy, env, ppo_config, gold_reward=task.gold_reward)
     heldout = task.prompts(np.random.default_rng([cfg.seed, 99]), cfg.eval_prompts)
 

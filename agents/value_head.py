@@ -40,8 +40,13 @@ class PolicyWithValueHead(nn.Module):
     ) -> None:
         super().__init__()
         disable_dropout(lm)
+        if lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0 (0: train every weight), got {lora_r}")
         if lora_r > 0:
-            from peft import LoraConfig, get_peft_model
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError as error:
+                raise ImportError('lora_r > 0 needs peft, an optional dependency: pip install -e ".[lora]"') from error
             from transformers.pytorch_utils import Conv1D
 
             lm.requires_grad_(False)

@@ -2,8 +2,10 @@
 
 import json
 import shutil
+from dataclasses import asdict
 
 import pytest
+import torch
 
 from agents.pipeline import RLHFConfig, run_rlhf
 from agents.run import TIMING_KEYS
@@ -89,3 +91,33 @@ def test_main_job_on_a_task_with_a_programmatic_reward(tmp_path):
     assert json.loads((tmp_path / "rev" / "rlhf_config.json").read_text())["decoding"] == "static"
     assert not (tmp_path / "rev" / "models" / "rm").exists()
     assert summary["before"]["score"] == summary["before"]["gold"]  # the reward is the gold reward itself
+
+
+def test_main_job_with_lora_saves_the_merged_policy_and_its_adapters(tmp_path):
+    """``lora_r``: PPO trains adapters only; ``ppo/policy/`` is a plain LM with them merged in, equal to the
+    base LM plus the saved ``ppo/policy_adapter/``; a LoRA run resumes from its checkpoint."""
+    from peft import PeftModel
+
+    from textenv.models import load_causal_lm
+
+    budget = {"pretrain": {"n_docs": 400, "n_heldout": 50, "steps": 30}}
+    ppo = {**TINY["ppo"], "learning_rate": 1e-2}
+    settings = {**TINY, "iterations": 1, "stage_budget": budget, "ppo": ppo}
+    cfg = RLHFConfig(task="reverse", run_dir=str(tmp_path / "lora"), lora_r=4, lora_target_modules=["c_attn"], **settings)
+    run_rlhf(cfg, progress=False)
+    run_rlhf(RLHFConfig(**{**asdict(cfg), "iterations": 2}), resume=True, progress=False)  # from checkpoint 1
+    root = tmp_path / "lora"
+    assert [json.loads(line)["iteration"] for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    base, merged = load_causal_lm(root / "models" / "lm"), load_causal_lm(root / "ppo" / "policy")
+    base_weights, merged_weights = base.state_dict(), merged.state_dict()
+    assert set(base_weights) == set(merged_weights)  # a plain LM folder: no peft keys
+    changed = {k for k in base_weights if not torch.equal(base_weights[k], merged_weights[k])}
+    assert changed and all("c_attn.weight" in k for k in changed)  # only the adapted modules moved
+    reloaded = PeftModel.from_pretrained(load_causal_lm(root / "models" / "lm"), root / "ppo" / "policy_adapter")
+    reloaded = reloaded.merge_and_unload().state_dict()
+    assert all(torch.allclose(reloaded[k], merged_weights[k], atol=1e-6) for k in changed)
+    # A negative rank is refused before the run folder is made, from Python and from the command line.
+    with pytest.raises(ValueError, match="lora_r must be >= 0"):
+        run_rlhf(RLHFConfig(run_dir=str(tmp_path / "neg"), lora_r=-1), progress=False)
+    assert main(["rlhf", "--run-dir", str(tmp_path / "neg"), "--lora-r", "-1"]) == 2
+    assert not (tmp_path / "neg").exists()

@@ -212,6 +212,9 @@ def add_rlhf(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--decoding", help="rollout KV cache and decode step: dynamic (default), static or compiled (torch.compile)"
     )
+    p.add_argument(
+        "--lora-r", type=int, help="train LoRA adapters of this rank instead of every weight (needs peft; default 0: off)"
+    )
     p.add_argument("--config", type=Path, help="JSON or YAML file of RLHFConfig fields")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir where it stopped")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -248,7 +251,7 @@ def run_rlhf(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown RLHF config fields {unknown}; valid: {sorted(fields)}")
     # Flags given on the command line override the config file; the rest keep RLHFConfig's defaults.
-    for name in ("task", "run_dir", "seed", "lm", "rm", "preferences", "iterations", "num_envs", "decoding"):
+    for name in ("task", "run_dir", "seed", "lm", "rm", "preferences", "iterations", "num_envs", "decoding", "lora_r"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     run_rlhf(RLHFConfig(**values), resume=args.resume)
