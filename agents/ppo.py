@@ -236,7 +236,9 @@ class PPOAgent:
         env.bind_policy(self.link)
         # Each row's prompt generator gets ``seed · B + row`` (Gymnasium's vector envs add the row): a block of
         # seeds per run, disjoint from another seed's block.
-        env.reset(seed=self.config.seed * env.num_envs)
+        # With the deferred KL this reset defers it too: a per-token one would prefill the env's reference and
+        # allocate its KV cache, which no later (deferred) batch uses or frees.
+        env.reset(seed=self.config.seed * env.num_envs, options={"defer_kl": True} if self.config.defer_kl else None)
         # No weight decay, as TRL (transformers Trainer's default) and the policy-gradient agents; AdamW's own is 0.01.
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.config.learning_rate, eps=1e-5, weight_decay=0.0)
         self.generator = torch.Generator(device="cpu").manual_seed(self.config.seed)  # on CPU: same draws on any device

@@ -55,13 +55,20 @@ from textenv.vector_env import TextGenerationVectorEnv  # noqa: E402
 
 class PeakMemory:
     """Peak memory of the timed block: CUDA's allocator statistics, or on the CPU (``cpu_memory``) the models'
-    bytes plus a `LiveTensorPeak` of the block; ``gib`` is None on the CPU without ``cpu_memory``."""
+    bytes plus a `LiveTensorPeak` of the block; ``gib`` is None on the CPU without ``cpu_memory``.
 
-    def __init__(self, device: str, cpu_memory: bool) -> None:
+    On a GPU ``gib`` is the peak of allocated memory, and the peak the allocator reserved is printed next to
+    it: a CUDA graph's intermediates live in a private pool that its replays use without allocating, so
+    they count in the reserved figure only (textenv's compiled decode steps have graphs; TRL has none).
+    """
+
+    def __init__(self, device: str, cpu_memory: bool, label: str = "") -> None:
         self.device = device
+        self.label = label
         self.cuda = device.startswith("cuda")
         self.probe = LiveTensorPeak() if cpu_memory and not self.cuda else None
         self.gib: float | None = None
+        self.reserved_gib: float | None = None
 
     @contextlib.contextmanager
     def measure(self, *models: torch.nn.Module | None):
@@ -73,6 +80,8 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             self.gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.reserved_gib = torch.cuda.max_memory_reserved(self.device) / 2**30
+            print(f"{self.label} peak GPU memory: {self.gib:.2f} GiB allocated, {self.reserved_gib:.2f} GiB reserved")
         elif self.probe is not None:
             self.gib = (resident_bytes(*models) + self.probe.peak_bytes) / 2**30
 
@@ -107,7 +116,7 @@ def run_textenv(models, prompts, args) -> tuple[float, float | None, dict]:
     apply_agent_options(agent, args)
     if args.decoding == "compiled":
         agent.rollout()  # compile the decode steps outside the timed iterations
-    peak = PeakMemory(args.device, args.cpu_memory)
+    peak = PeakMemory(args.device, args.cpu_memory, "textenv")
     split: dict = {"rollout_seconds": 0.0, "update_seconds": 0.0, "iteration_seconds": []}
     with peak.measure(*models_of(models), agent.policy, reference, reward):
         for _ in range(args.warmup):
@@ -181,7 +190,7 @@ def run_trl(models, prompts, args, config) -> tuple[float, float | None, list[fl
         ref_model=frozen_copy(models["reference"], args), reward_model=frozen_copy(models["reward"], args),
         train_dataset=dataset, value_model=value_model, callbacks=[clock],
     )  # fmt: skip
-    peak = PeakMemory(args.device, args.cpu_memory)
+    peak = PeakMemory(args.device, args.cpu_memory, "TRL")
     # trainer.model: the policy and the value model
     with peak.measure(*models_of(models), trainer.model, trainer.ref_model, trainer.reward_model):
         trainer.train()

@@ -224,9 +224,12 @@ def test_agents_collect_the_same_rollout_with_a_deferred_kl(agent_kind):
             agent = PPOAgent(policy, env, PPOConfig(minibatch_size=8, micro_batch_size=8, defer_kl=defer_kl))
         else:
             agent = RLOOAgent(policy, env, RLOOConfig(minibatch_size=8, samples_per_prompt=2, defer_kl=defer_kl))
-        return agent.rollout()
+        return agent.rollout(), env
 
-    plain, deferred = rollout(False), rollout(True)
+    (plain, _), (deferred, env) = rollout(False), rollout(True)
+    # The agent's first reset deferred the KL too: the env's reference never ran a cached forward, and holds no
+    # KV cache through the run.
+    assert env.engine.reference.forward_calls == 0 and env.engine.reference.cache is None
     torch.testing.assert_close(deferred.actions, plain.actions, atol=0, rtol=0)
     assert len(set(plain.mask.sum(1).tolist())) > 1
     torch.testing.assert_close(deferred.rewards, plain.rewards, atol=TOL, rtol=0)

@@ -17,7 +17,7 @@ from agents.ppo import PPOAgent, PPOConfig
 from agents.value_head import PolicyWithValueHead
 from textenv import PolicyLink
 from textenv.fused_sampling import SEARCH_BLOCK, FusedSampler, blocked_inverse_cdf, default_fused_sampling
-from textenv.sampling import SamplingConfig, sample_tokens, uniform_draws
+from textenv.sampling import SamplingConfig, first_above_with_mass, sample_tokens, uniform_draws
 from textenv.toy import make_toy_env, toy_components
 
 DEVICE = torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu"))
@@ -91,6 +91,22 @@ def test_never_a_token_of_probability_zero(search):
     no_mass = torch.full((3, vocab), float("-inf"), device=DEVICE)
     no_mass[1] = float("nan")
     assert search(no_mass, u_edges.view(-1, 1).to(DEVICE)).tolist() == [vocab - 1] * 3
+
+
+def test_a_parallel_scans_rise_at_a_token_of_no_mass_is_never_picked():
+    """A GPU's cumulative sum (a parallel scan) can rise or dip by one ulp at a token of mass 0; the search
+    (both samplers' rule on a GPU) must pick the token with mass where the sum crosses the target."""
+    up = torch.nextafter(torch.tensor(0.5, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)).item()
+    down = torch.nextafter(torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)).item()
+    mass = torch.tensor([[0.5, 0.0, 0.5], [0.5, 0.0, 0.5], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0], [0.5, 0.0, 0.5]],
+                        dtype=torch.float64)  # fmt: skip
+    cdf = torch.tensor([[0.5, up, 1.0], [0.5, down, 1.0], [0.5, 1.0, 1.0 + 2**-52], [0.0, 0.0, 0.0], [0.5, up, 1.0]],
+                       dtype=torch.float64)  # fmt: skip
+    target = torch.tensor([[0.5], [0.5], [1.0], [0.0], [0.25]], dtype=torch.float64)
+    assert torch.searchsorted(cdf[:1], target[:1], right=True).item() == 1  # a plain search takes the gap
+    # row 0: the rise at token 1 is rounding; row 1: a dip there instead; row 2: only the rounding
+    # rise is past the target (the last token with mass); row 3: no mass (the last token); row 4: no gap.
+    assert first_above_with_mass(cdf, mass, target).squeeze(-1).tolist() == [2, 2, 1, 2, 0]
 
 
 @SEARCHES

@@ -125,6 +125,28 @@ def test_the_prefetched_forward_runs_under_the_links_autocast():
     torch.testing.assert_close(outputs["prefetched"], outputs["lazy"], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("decoding", ["dynamic", "static"])
+def test_new_episodes_are_prefilled_under_the_links_autocast(decoding):
+    """The prefill (in the env's ``reset``, and for rows a NextStep autoreset restarts) runs in the link's
+    autocast too: a float32 prefill would allocate a float32 KV cache that every bf16 step converts in full."""
+    def autocast():
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+
+    first_logits = {}
+    for name, context in (("float32", nullcontext), ("bf16", autocast)):
+        venv = make_toy_env(B, stop_tokens=("good",), max_new_tokens=T, device=DEVICE)
+        link = venv.bind_policy(PolicyLink(policy_model(), autocast=context, decoding=decoding))
+        venv.reset(seed=0)
+        first_logits[name] = link.outputs().logits
+    assert not torch.equal(first_logits["bf16"], first_logits["float32"])  # the prefill's matmuls ran in bf16
+    assert link.decoder is not None and link.decoder.cache is not None
+    assert {layer.keys.dtype for layer in link.decoder.cache.layers} == {torch.bfloat16}
+    good = venv.tokenizer.convert_tokens_to_ids("good")
+    venv.step(torch.full((B,), good))  # every row stops: the next step restarts them all (replace_rows)
+    venv.step(torch.full((B,), good))
+    assert {layer.keys.dtype for layer in link.decoder.cache.layers} == {torch.bfloat16}
+
+
 def test_next_step_autoreset_is_the_same_with_and_without_prefetch():
     """Rows that end are restarted at the next step; the prefetched forward already covered them."""
     records, forwards = [], []

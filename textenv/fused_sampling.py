@@ -14,8 +14,9 @@ the block sums' cumulative sum (a few hundred entries) picks the block, and a cu
 block picks the token. Given the same log-probs it is the same inverse-CDF draw as `sample_tokens`, from
 the same single uniform number per row: the two pick different tokens only when that number falls within
 float64 rounding (about 1e-16) of the boundary between two tokens. The compiled log-softmax itself may round
-differently from the eager one (by up to about 1e-5 at temperature 0.7 on the CPU), so against the eager
-path a draw differs about that rarely; the token always comes from the distribution that is kept for the
+differently from the eager one (by up to about 1e-5 at temperature 0.7 on the CPU; on a GPU, inductor's
+``exp`` and ``log`` also differ from eager's by a few ulps), so against the eager path a draw differs about
+that rarely; the token always comes from the distribution that is kept for the
 KL term and PPO, so nothing is biased. Like `sample_tokens`, it never draws a token of probability 0.
 
 On the CPU a compiled call costs more than the few small kernels it replaces at textenv's test and benchmark
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from textenv.compile_cache import CompiledOrEager
-from textenv.sampling import SamplingConfig
+from textenv.sampling import SamplingConfig, first_above_with_mass
 
 SEARCH_BLOCK = 256
 """Tokens per block of the blocked search: ~200 blocks for GPT-2's 50,257; one block a row reads in full."""
@@ -46,13 +47,13 @@ def blocked_inverse_cdf(logprobs: torch.Tensor, u: torch.Tensor, block: int = SE
     :param logprobs: ``(B, V)`` log-probs (``-inf`` for tokens that cannot be drawn).
     :param u: ``(B, 1)`` float64 uniform numbers in [0, 1), one per row.
 
-    Every comparison is strict where it has to be, so a token of probability 0 is never picked: ``u < 1``
-    makes the target below the total, so the chosen block's cumulative sum rises past it (the block holds
-    mass); within the block the remainder is kept below the block's own sum (whose rounding may differ from
-    the block total's), and a cumulative sum that rises at a token means that token has mass. That argument
-    assumes sums that add a zero unchanged; the indices are also clamped into the block and the vocabulary,
-    so that a row with no mass at all (all ``-inf`` or NaN, which `sample_tokens` also answers with the last
-    token) or a parallel scan's rounding can never index out of range.
+    A token of probability 0 is never picked: ``u < 1`` makes the target below the total, so some block's
+    cumulative sum rises past it; within the block the remainder is kept below the block's own sum (whose
+    rounding may differ from the block total's). Both searches take the first entry that crosses the target
+    *and has mass* (`textenv.sampling.first_above_with_mass`): with sums that add a zero unchanged that is
+    what a binary search finds, and a GPU's parallel scan, which can rise by one ulp at an entry of mass 0,
+    cannot pick one either. A row with no mass at all (all ``-inf`` or NaN) gets the last token, as from
+    `sample_tokens`.
     """
     rows, vocab = logprobs.shape
     blocks_per_row = -(-vocab // block)
@@ -60,16 +61,16 @@ def blocked_inverse_cdf(logprobs: torch.Tensor, u: torch.Tensor, block: int = SE
     if blocks_per_row * block != vocab:
         probs = torch.nn.functional.pad(probs, (0, blocks_per_row * block - vocab))  # padding: probability 0
     blocks = probs.view(rows, blocks_per_row, block)
-    block_cdf = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # (B, blocks)
+    block_mass = blocks.sum(-1, dtype=torch.float64)  # (B, blocks)
+    block_cdf = block_mass.cumsum(-1)
     target = u * block_cdf[:, -1:]  # < the total for u < 1
-    # (B, 1): the first block whose cdf exceeds the target (clamped: a row with no mass has none)
-    chosen = torch.searchsorted(block_cdf, target, right=True).clamp(max=blocks_per_row - 1)
+    chosen = first_above_with_mass(block_cdf, block_mass, target)  # (B, 1)
     before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp(min=0)), 0.0)
     within = blocks.gather(1, chosen.unsqueeze(-1).expand(rows, 1, block)).squeeze(1)  # (B, block)
     within_cdf = within.cumsum(-1, dtype=torch.float64)
-    # The remainder is >= 0 (block_cdf[chosen - 1] <= target); keep it below this block's own total.
+    # The remainder is >= 0 up to rounding (block_cdf[chosen - 1] <= target); keep it below this block's own total.
     remainder = torch.minimum(target - before, torch.nextafter(within_cdf[:, -1:], torch.zeros_like(before)))
-    token = torch.searchsorted(within_cdf, remainder, right=True).clamp(max=block - 1)
+    token = first_above_with_mass(within_cdf, within, remainder)
     return (chosen * block + token).clamp(max=vocab - 1).squeeze(-1)
 
 

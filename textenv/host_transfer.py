@@ -44,7 +44,11 @@ def to_device(data: np.ndarray | torch.Tensor, device: torch.device) -> torch.Te
     if tensor.device == device:
         return tensor.clone() if not isinstance(data, torch.Tensor) else tensor
     if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
+        # Staged in a fresh pinned buffer: ``pin_memory()`` hands back memory that is pinned already (the arrays
+        # `to_host` returns are) as it is, and the caller could change it before the queued copy has read it.
+        staged = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        staged.copy_(tensor)
+        return staged.to(device, non_blocking=True)
     return tensor.to(device)
 
 

@@ -43,7 +43,11 @@ class PolicyLink:
     :param decoding: ``dynamic``, ``static`` or ``compiled`` KV cache and decode step
         (see `textenv.static_decoding`).
     :param autocast: the context every policy forward runs in (an agent's bf16 autocast, say). A prefetched
-        forward runs inside the env's ``step``, outside the agent's own ``with`` block, so the link applies it.
+        forward runs inside the env's ``step``, and the prefill of new episodes inside its ``reset``, both
+        outside the agent's own ``with`` block, so the link applies it. A prefill outside it would give the
+        first token float32 outputs where every later one (and PPO's update) has bf16, and a static KV cache
+        allocated in float32 that every bf16 step would convert in full (twice its memory, three times the
+        traffic of the attention's reads).
     :param prefetch: let the env run the next forward at the end of its step (`prefetch`) instead of when
         the agent next asks. Only for loops that change nothing in between: a weight update or a
         train/eval switch between ``env.step`` and the next ``logprobs()`` would otherwise be missed by that
@@ -147,7 +151,11 @@ class PolicyLink:
         """All rows begin new episodes with these prompt ids; ``reserve`` tokens will follow at most."""
         self._logprobs = None
         self._pending = None
-        self._current = self.decoder.start(sequences, reserve) if self.decoder is not None else None
+        if self.decoder is None:
+            self._current = None
+            return
+        with self.autocast():
+            self._current = self.decoder.start(sequences, reserve)
 
     def replace_rows(self, rows: Sequence[int], sequences: Sequence[torch.Tensor]) -> None:
         """Some rows begin new episodes; the rest keep their cache."""
@@ -155,7 +163,8 @@ class PolicyLink:
             self._logprobs = None
             return
         current = self.outputs()  # apply any pending token first so every row is in step
-        new = self.decoder.replace_rows(rows, sequences)
+        with self.autocast():
+            new = self.decoder.replace_rows(rows, sequences)
         index = index_on(rows, current.logits.device)
         logits = current.logits.clone()
         logits[index] = new.logits

@@ -67,17 +67,41 @@ class SamplingConfig:
         return torch.log_softmax(logits, dim=-1)
 
 
+def first_above_with_mass(cdf: torch.Tensor, mass: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index ``(B, 1)`` whose ``cdf`` exceeds ``target`` and whose ``mass`` is > 0.
+
+    What a binary search for ``target`` finds when the cumulative sum is exact: a sum that adds a zero
+    unchanged rises only at entries with mass. A GPU's cumulative sum is a parallel scan that may sum two
+    neighbouring prefixes in different orders, so it can rise (or dip) by one ulp at an entry of mass 0,
+    and a target in that gap would pick it. Requiring mass makes the pick depend only on where the sum
+    crosses the target. If no entry qualifies (the target at or past the last rise, after rounding), the
+    last entry with mass; in a row with no mass at all (all 0 or NaN), the last entry.
+    """
+    n = cdf.shape[-1]
+    index = torch.arange(n, device=cdf.device)
+    has_mass = mass > 0
+    first = torch.where((cdf > target) & has_mass, index, n).amin(-1, keepdim=True)
+    last_with_mass = torch.where(has_mass, index, -1).amax(-1, keepdim=True)
+    return torch.where(first < n, first, torch.where(last_with_mass >= 0, last_with_mass, n - 1))
+
+
 def sample_tokens(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token per row from log-probs ``(B, V)`` by inverse-CDF sampling.
 
-    One uniform number per row and a binary search in the cumulative distribution: exact (a token of
-    probability 0 is never drawn), deterministic for a seeded generator, and on the CPU about ten times
-    faster than ``torch.multinomial``, which draws a random number per vocabulary entry. The cumulative
-    sum runs in float64 so a 50k-token vocabulary adds no visible rounding bias.
+    One uniform number per row and a search in the cumulative distribution: exact (a token of probability 0
+    is never drawn), deterministic for a seeded generator, and on the CPU about ten times faster than
+    ``torch.multinomial``, which draws a random number per vocabulary entry. The cumulative sum runs in
+    float64 so a 50k-token vocabulary adds no visible rounding bias. On the CPU the sum is sequential, so it
+    rises only at tokens with mass and a binary search is exact; elsewhere (a GPU's parallel scan) the
+    search also requires the token's mass (`first_above_with_mass`).
     """
-    cdf = logprobs.exp().double().cumsum(-1)
+    probs = logprobs.exp().double()
+    cdf = probs.cumsum(-1)
     u = uniform_draws(cdf.shape[0], generator, cdf.device)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+    target = u * cdf[:, -1:]
+    if cdf.device.type == "cpu":
+        return torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
+    return first_above_with_mass(cdf, probs, target).squeeze(-1)
 
 
 def uniform_draws(rows: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

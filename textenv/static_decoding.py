@@ -84,11 +84,12 @@ DECODINGS = ("dynamic", "static", "compiled")
 class DtypeStableStaticLayer(StaticLayer):
     """A `StaticLayer` that stores in its buffers' dtype and answers in the caller's.
 
-    A decoder is prefilled when an episode starts (outside the agent's autocast) and stepped inside it:
-    under bf16 autocast the new keys are bf16 while the buffers, allocated at prefill, are float32, and
-    ``index_copy_`` refuses mixed dtypes (the dynamic cache's ``torch.cat`` promotes instead). This layer
-    casts what it stores to the buffers' dtype, and what it returns to the new keys' dtype, so attention
-    sees one dtype whichever way the autocast state changed.
+    The buffers take the dtype of the prefill that allocates them; a decoder stepped in another autocast
+    state (a `PolicyLink` prefills and steps in its own ``autocast``, but a caller driving a decoder may not)
+    would hand bf16 keys to float32 buffers, and ``index_copy_`` refuses mixed dtypes (the dynamic cache's
+    ``torch.cat`` promotes instead). This layer casts what it stores to the buffers' dtype, and what it
+    returns to the new keys' dtype, so attention sees one dtype whichever way the autocast state changed
+    (at the cost of converting the window at every step: prefill in the autocast you step in).
     """
 
     window: int | None = None
