@@ -34,7 +34,7 @@ if want tests; then
   # --continue-on-collection-errors: a module the image lacks fails its own file, not the whole list
   TEXTENV_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
     tests/test_static_decoding.py tests/test_deferred_kl.py \
-    tests/test_policy_prefetch.py tests/test_compiled_step_overhead.py tests/test_fused_sampling.py \
+    tests/test_policy_prefetch.py tests/test_compiled_step_overhead.py tests/test_fused_sampling.py tests/test_host_transfer.py \
     tests/test_ppo_run.py::test_a_restored_optimizer_keeps_adams_step_on_the_cpu 2>&1 \
     | tee "$out/gpu_tests.txt"
 fi

@@ -138,3 +138,21 @@ def test_vector_env_with_policy_link_samples_each_row():
         venv.step(np.full(B, 3))
     venv.reset(options={"reset_mask": np.array([True, False, False, False])})
     assert venv.done.tolist() == [False, True, True, True]
+    # The partial reset restarted the bound policy's row too: its next log-prob is the reference's again (the
+    # policy is the reference), not one computed on the finished episode's context.
+    _, rewards, _, _, info = venv.step(link.sample(gen))
+    assert info["_kl"].tolist() == [True, False, False, False]
+    assert abs(info["kl"][0]) < 1e-5 and rewards[1:].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_inactive_rows_report_zero_kl():
+    """A finished row (Disabled autoreset) takes no part in later steps: reward 0 and KL 0, whatever its cache
+    and the uniform policy assumed with no policy bound would give."""
+    venv = make_toy_env(2, autoreset_mode="Disabled", max_new_tokens=4)
+    venv.reset(seed=0)
+    eos = venv.tokenizer.eos_token_id
+    _, _, terminated, _, _ = venv.step(np.array([eos, 3]))
+    assert terminated.tolist() == [True, False]
+    _, rewards, _, _, info = venv.step(np.array([3, 3]))
+    assert rewards[0] == 0.0 and info["kl"][0] == 0.0
+    assert info["kl"][1] != 0.0  # the uniform policy against the reference: a nonzero KL where a row is active

@@ -1,5 +1,6 @@
 """Gymnasium's and stable-baselines3's env checkers pass, with zero warnings, on every registered id."""
 
+import functools
 import warnings
 
 import gymnasium as gym
@@ -60,6 +61,10 @@ def test_specs_serialise_and_the_reward_source_is_an_ordinary_kwarg(task_home):
     assert (default.spec.kwargs["reward"], gold.spec.kwargs["reward"]) == ("rm", "gold")
     assert isinstance(default.unwrapped.engine.reward_fn, textenv.RewardModelScorer)
     assert not isinstance(gold.unwrapped.engine.reward_fn, textenv.RewardModelScorer)
+    # The vector entry point takes the override too.
+    make_vec = functools.partial(gym.make_vec, "textenv/Sentiment-v0", num_envs=2, vectorization_mode="vector_entry_point")
+    assert isinstance(make_vec().engine.reward_fn, textenv.RewardModelScorer)
+    assert not isinstance(make_vec(reward="gold").engine.reward_fn, textenv.RewardModelScorer)
 
 
 def test_stable_baselines3_makes_envs_from_their_ids():

@@ -114,21 +114,26 @@ def test_a_target_between_two_roundings_of_a_blocks_mass_stays_in_the_block(sear
     """A block's sum (one reduction) and its cumulative sum (another order) round differently when its masses
     span many binary orders; a target between the two must not run past the block into one of zero mass.
     On the CPU whatever ``TEXTENV_TEST_DEVICE`` says: the construction finds the gap with the CPU's kernels."""
-    for seed in range(50):
-        probs = torch.zeros(1, 2 * SEARCH_BLOCK, dtype=torch.float)
-        probs[0, :SEARCH_BLOCK] = torch.rand(SEARCH_BLOCK, generator=torch.Generator().manual_seed(seed)) * 1e-9
-        probs[0, 0] = 0.75  # the second block has no mass at all
-        logprobs = probs.log()
-        probs = logprobs.exp()  # the probabilities exactly as the search computes and sums them
-        block_sum = probs.view(1, 2, SEARCH_BLOCK).sum(-1, dtype=torch.float64)[:, 0]
-        running = probs[0, :SEARCH_BLOCK].cumsum(-1, dtype=torch.float64)[-1]
-        u = running / block_sum
-        while u < 1 and not running <= u * block_sum < block_sum:
-            u = torch.nextafter(u, torch.ones_like(u))
-        if running <= u * block_sum < block_sum:  # found a target in the gap
-            assert search(logprobs, u.view(1, 1)).item() < SEARCH_BLOCK
-            return
-    raise AssertionError("no block whose two sums round apart: the construction no longer tests the gap")
+    found = set()
+    for zero_tail in (0, 4):  # then the block's last tokens have no mass: the one before them must be picked
+        for seed in range(50):
+            probs = torch.zeros(1, 2 * SEARCH_BLOCK, dtype=torch.float)
+            probs[0, :SEARCH_BLOCK] = torch.rand(SEARCH_BLOCK, generator=torch.Generator().manual_seed(seed)) * 1e-9
+            probs[0, 0] = 0.75  # the second block has no mass at all
+            probs[0, SEARCH_BLOCK - zero_tail : SEARCH_BLOCK] = 0.0
+            logprobs = probs.log()
+            probs = logprobs.exp()  # the probabilities exactly as the search computes and sums them
+            block_sum = probs.view(1, 2, SEARCH_BLOCK).sum(-1, dtype=torch.float64)[:, 0]
+            running = probs[0, :SEARCH_BLOCK].cumsum(-1, dtype=torch.float64)[-1]
+            u = running / block_sum
+            while u < 1 and not running <= u * block_sum < block_sum:
+                u = torch.nextafter(u, torch.ones_like(u))
+            if running <= u * block_sum < block_sum:  # found a target in the gap
+                token = search(logprobs.to(DEVICE), u.view(1, 1).to(DEVICE)).item()
+                assert token < SEARCH_BLOCK and torch.isfinite(logprobs[0, token])
+                found.add(zero_tail)
+                break
+    assert found == {0, 4}, "no block whose two sums round apart: the construction no longer tests the gap"
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS, ids=["plain", "top-k", "top-p"])

@@ -51,6 +51,31 @@ def test_ppo_ptx_and_options_run():
     assert np.isfinite([v for v in stats.values()]).all()
 
 
+def test_whiten_rewards_scales_the_rewards_without_shifting_them(monkeypatch):
+    """``whiten_rewards`` standardises the per-token rewards' scale but keeps their mean (a shift would change
+    which episodes are better than the value's baseline); the advantages are then whitened in full."""
+    import agents.ppo
+
+    calls = []
+    real_whiten = agents.ppo.whiten
+    monkeypatch.setattr(agents.ppo, "whiten", lambda x, mask, shift_mean=True: (calls.append(shift_mean), real_whiten(x, mask, shift_mean))[1])
+    env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=4)
+    for whiten_rewards, expected in ((True, [False, True]), (False, [True])):
+        calls.clear()
+        config = PPOConfig(minibatch_size=4, micro_batch_size=4, ppo_epochs=1, whiten_rewards=whiten_rewards)
+        PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model)), env, config).iteration_step()
+        assert calls == expected
+
+
+def test_learning_rate_anneals_linearly_from_the_full_rate():
+    env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=2)
+    config = PPOConfig(learning_rate=1e-3, total_iterations=4, minibatch_size=4, micro_batch_size=4, ppo_epochs=1)
+    agent = PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model)), env, config)
+    assert [agent.iteration_step()["lr"] for _ in range(3)] == pytest.approx([1e-3, 0.75e-3, 0.5e-3])
+    constant = PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model)), env, PPOConfig(**{**config.__dict__, "anneal_lr": False}))
+    assert [constant.iteration_step()["lr"] for _ in range(2)] == [1e-3, 1e-3]
+
+
 def test_pretraining_batches_draw_left_padded_documents_and_refuse_bad_input():
     from agents.pretraining_batches import PretrainingBatches
 

@@ -48,6 +48,25 @@ def test_clipped_policy_loss():
     assert clipfrac.item() == 0.0
 
 
+def test_clipped_policy_loss_lower_clip_on_negative_advantage():
+    """A ratio below 1 − ε with a negative advantage: the clipped term (the pessimistic one) is taken."""
+    old, new, mask = torch.zeros(1, 2), torch.full((1, 2), math.log(0.5)), torch.ones(1, 2)
+    loss, clipfrac, _ = clipped_policy_loss(new, old, -torch.ones(1, 2), mask, clip=0.2)
+    assert loss.item() == pytest.approx(0.8)  # max(−A·0.5, −A·0.8) with A = −1
+    assert clipfrac.item() == 1.0
+
+
+def test_kl_estimators_by_hand():
+    """π(a) = ½, π_ref(a) = ¼, so r = π_ref/π = ½; and the exact KL of (½, ½) from (¼, ¾)."""
+    logp, ref = torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)])
+    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(math.log(2))
+    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(math.log(2) - 0.5)
+    policy, reference = torch.log(torch.tensor([[0.5, 0.5]])), torch.log(torch.tensor([[0.25, 0.75]]))
+    full = kl_penalty(logp, ref, "full", policy_logprobs=policy, ref_logprobs=reference)
+    assert full.item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
+
+
 def test_clipped_value_loss():
     loss, frac = clipped_value_loss(torch.ones(1, 1), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), clip=0.2)
     assert loss.item() == pytest.approx(0.5 * 0.8**2)
@@ -116,6 +135,14 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     logprobs = SamplingConfig(top_p=0.75).logprobs(logits)
     assert torch.isfinite(logprobs[0, :2]).all() and torch.isinf(logprobs[0, 2:]).all()
     assert torch.allclose(logprobs[0, :2].exp(), torch.tensor([0.625, 0.375]))
+
+
+def test_top_p_drops_a_token_once_the_mass_before_it_is_exactly_p():
+    """Four equal tokens (probabilities exactly ¼) and p = ½: the third token's mass before it is exactly ½,
+    which already reaches p, so two tokens stay."""
+    logprobs = SamplingConfig(top_p=0.5).logprobs(torch.zeros(1, 4))
+    assert int(torch.isfinite(logprobs).sum()) == 2
+    assert torch.allclose(logprobs[torch.isfinite(logprobs)].exp(), torch.tensor([0.5, 0.5]))
 
 
 @pytest.mark.parametrize(

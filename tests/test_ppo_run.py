@@ -12,11 +12,13 @@ from agents.ppo import PPOAgent, PPOConfig
 from agents.pretraining_batches import PretrainingBatches
 from agents.run import TIMING_KEYS, TrainingRun
 from agents.value_head import PolicyWithValueHead
+from textenv.kl import AdaptiveKLController
 from textenv.toy import TOY_PROMPTS, make_toy_env
 
 
-def make_run(run_dir, evaluate=False, ptx=False):
-    env = make_toy_env(8, autoreset_mode="Disabled", max_new_tokens=4, kl_coef=0.05)
+def make_run(run_dir, evaluate=False, ptx=False, adaptive_kl=False):
+    kl_coef = AdaptiveKLController(0.05, target=0.5, horizon=16) if adaptive_kl else 0.05
+    env = make_toy_env(8, autoreset_mode="Disabled", max_new_tokens=4, kl_coef=kl_coef)
     policy = PolicyWithValueHead(copy.deepcopy(env.reference_model))
     config = PPOConfig(learning_rate=1e-3, minibatch_size=4, micro_batch_size=4, total_iterations=4, seed=3,
                        ptx_coef=0.5 if ptx else 0.0)  # fmt: skip
@@ -55,16 +57,18 @@ def test_run_folder_contents(tmp_path):
         make_run(tmp_path / "run").train(4, progress=False)
 
 
-@pytest.mark.parametrize("ptx", [False, True], ids=["ppo", "ppo-ptx"])
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, ptx):
+@pytest.mark.parametrize("ptx, adaptive_kl", [(False, False), (True, False), (False, True)], ids=["ppo", "ppo-ptx", "adaptive-kl"])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, ptx, adaptive_kl):
     """With PPO-ptx, the pretraining batches' generator is checkpointed too: without it the resumed run would
-    draw other documents (its ``ptx_loss`` would differ from the uninterrupted run's)."""
-    full = make_run(tmp_path / "full", ptx=ptx).train(4, progress=False)
-    killed = make_run(tmp_path / "killed", ptx=ptx)
+    draw other documents (its ``ptx_loss`` would differ from the uninterrupted run's). With the adaptive KL
+    controller, its β is: a resumed run that started again from the initial β would penalise differently."""
+    full = make_run(tmp_path / "full", ptx=ptx, adaptive_kl=adaptive_kl).train(4, progress=False)
+    killed = make_run(tmp_path / "killed", ptx=ptx, adaptive_kl=adaptive_kl)
     killed.train(2, progress=False)  # "killed" after the checkpoint at iteration 2
-    resumed = make_run(tmp_path / "killed", ptx=ptx).train(4, resume=True, progress=False)
+    resumed = make_run(tmp_path / "killed", ptx=ptx, adaptive_kl=adaptive_kl).train(4, resume=True, progress=False)
     assert strip_timing(resumed) == strip_timing(full)
     assert all(m["ptx_loss"] > 0 for m in full) == ptx
+    assert (len({m["kl_coef"] for m in full}) > 1) == adaptive_kl  # β moved between iterations
 
 
 def test_resume_before_the_first_checkpoint_starts_over(tmp_path):

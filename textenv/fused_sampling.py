@@ -48,12 +48,12 @@ def blocked_inverse_cdf(logprobs: torch.Tensor, u: torch.Tensor, block: int = SE
     :param u: ``(B, 1)`` float64 uniform numbers in [0, 1), one per row.
 
     A token of probability 0 is never picked: ``u < 1`` makes the target below the total, so some block's
-    cumulative sum rises past it; within the block the remainder is kept below the block's own sum (whose
-    rounding may differ from the block total's). Both searches take the first entry that crosses the target
-    *and has mass* (`textenv.sampling.first_above_with_mass`): with sums that add a zero unchanged that is
-    what a binary search finds, and a GPU's parallel scan, which can rise by one ulp at an entry of mass 0,
-    cannot pick one either. A row with no mass at all (all ``-inf`` or NaN) gets the last token, as from
-    `sample_tokens`.
+    cumulative sum rises past it. Both searches take the first entry that crosses the target *and has mass*
+    (`textenv.sampling.first_above_with_mass`): with sums that add a zero unchanged that is what a binary
+    search finds, and a GPU's parallel scan, which can rise by one ulp at an entry of mass 0, cannot pick
+    one either. Where the remainder within the chosen block reaches past the block's own cumulative sum
+    (which rounds apart from the block's total), the block's last token with mass is taken. A row with no
+    mass at all (all ``-inf`` or NaN) gets the last token, as from `sample_tokens`.
     """
     rows, vocab = logprobs.shape
     blocks_per_row = -(-vocab // block)
@@ -68,9 +68,9 @@ def blocked_inverse_cdf(logprobs: torch.Tensor, u: torch.Tensor, block: int = SE
     before = torch.where(chosen > 0, block_cdf.gather(1, (chosen - 1).clamp(min=0)), 0.0)
     within = blocks.gather(1, chosen.unsqueeze(-1).expand(rows, 1, block)).squeeze(1)  # (B, block)
     within_cdf = within.cumsum(-1, dtype=torch.float64)
-    # The remainder is >= 0 up to rounding (block_cdf[chosen - 1] <= target); keep it below this block's own total.
-    remainder = torch.minimum(target - before, torch.nextafter(within_cdf[:, -1:], torch.zeros_like(before)))
-    token = first_above_with_mass(within_cdf, within, remainder)
+    # The remainder may reach past this block's own cumulative sum, which rounds apart from its total: then no
+    # token crosses it and `first_above_with_mass` answers with the block's last token with mass.
+    token = first_above_with_mass(within_cdf, within, target - before)
     return (chosen * block + token).clamp(max=vocab - 1).squeeze(-1)
 
 
