@@ -166,6 +166,12 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
         raise ValueError(f"decoding must be one of {DECODINGS}, got {cfg.decoding!r}")
     if cfg.lora_r < 0:
         raise ValueError(f"lora_r must be >= 0 (0: full fine-tuning), got {cfg.lora_r}")
+    ppo_config = PPOConfig(**{"total_iterations": cfg.iterations, "seed": cfg.seed, "decoding": cfg.decoding, **cfg.ppo})
+    if ppo_config.minibatch_size > cfg.num_envs:  # PPOAgent refuses it too, but only after stages 1-2 have run
+        raise ValueError(
+            f"num_envs {cfg.num_envs} is smaller than ppo.minibatch_size {ppo_config.minibatch_size}: pass a larger "
+            "--num-envs, or a smaller minibatch_size (and micro_batch_size) in the config's ppo fields"
+        )
     if cfg.lora_r > 0 and importlib.util.find_spec("peft") is None:
         raise ImportError('lora_r > 0 needs peft, an optional dependency: pip install -e ".[lora]"')
     task = get_task(cfg.task)
@@ -190,7 +196,6 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
         if not same_vocabulary(tokenizer, rm_tokenizer):
             console.print("note: the reward model has its own tokenizer; completions are re-tokenised as text for it")
         scorer = RewardModelScorer(rm, rm_tokenizer, join=task.join, compile=cfg.decoding == "compiled")
-    ppo_config = PPOConfig(**{"total_iterations": cfg.iterations, "seed": cfg.seed, "decoding": cfg.decoding, **cfg.ppo})
     env = TextGenerationVectorEnv(
         reference, scorer, task.prompts, num_envs=cfg.num_envs, tokenizer=tokenizer,
         max_prompt_tokens=task.max_prompt_tokens, max_new_tokens=task.max_new_tokens,

@@ -77,10 +77,27 @@ def test_bad_main_job_configs(tmp_path):
     # The command line passes --decoding through to the same check (exit code 2, the message on stderr).
     assert main(["rlhf", "--run-dir", str(tmp_path / "e"), "--decoding", "fast"]) == 2
     assert not (tmp_path / "e").exists()
+    # A batch smaller than PPO's minibatch is refused before stages 1-2 spend their minutes.
+    with pytest.raises(ValueError, match="num_envs 8 is smaller than ppo.minibatch_size 16"):
+        run_rlhf(RLHFConfig(run_dir=str(tmp_path / "g"), num_envs=8), progress=False)
+    assert not (tmp_path / "g").exists()
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "notes.txt").write_text("mine")
     assert main(["rlhf", "--run-dir", str(tmp_path / "f")]) == 2  # a non-empty folder: an error line, no traceback
     assert (tmp_path / "f" / "notes.txt").read_text() == "mine"
+
+
+def test_rlhf_help_names_rlhf_configs_defaults(capsys):
+    """The flags default to None (a config file may set them), so their help texts state RLHFConfig's defaults."""
+    with pytest.raises(SystemExit):
+        main(["rlhf", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = RLHFConfig()
+    for flag, value in (("--seed", defaults.seed), ("--iterations", defaults.iterations), ("--num-envs", defaults.num_envs),
+                        ("--task", defaults.task), ("--run-dir", defaults.run_dir), ("--decoding", defaults.decoding),
+                        ("--lora-r", defaults.lora_r)):  # fmt: skip
+        after = text.split(flag, 2)[-1].split(" --", 1)[0]  # the flag's entry in the options list
+        assert str(value) in after, (flag, after)
 
 
 def test_main_job_on_a_task_with_a_programmatic_reward(tmp_path):

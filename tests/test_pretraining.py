@@ -105,7 +105,7 @@ def test_missing_and_corrupt_model_folders(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_pickled_weights_are_not_loaded(tmp_path: Path) -> None:
-    """A folder with only pickled ``pytorch_model.bin`` weights is refused (safetensors only, DESIGN.md), by the LM
+    """A folder with only pickled ``pytorch_model.bin`` weights is refused (safetensors only, never pickle), by the LM
     and reward-model loaders and when a reward model is initialised from an LM folder."""
     from textenv.models import (
         build_tiny_causal_lm,

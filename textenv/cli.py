@@ -203,12 +203,16 @@ def add_rlhf(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--task", help="built-in task (default: sentiment)")
     p.add_argument("--run-dir", help="run folder (default: runs/rlhf)")
-    p.add_argument("--seed", type=int)
+    # The defaults are RLHFConfig's (a flag left out keeps the config file's value, or else RLHFConfig's);
+    # tests/test_pipeline.py checks that these help texts name them.
+    p.add_argument("--seed", type=int, help="seeds every stage (default: 0)")
     p.add_argument("--lm", help="start from this LM folder or hub name (skips stage 1)")
     p.add_argument("--rm", help="use this reward-model folder or hub name (skips stage 2)")
     p.add_argument("--preferences", help="train the RM on this preference JSONL (skips simulated labelling)")
-    p.add_argument("--iterations", type=int, help="PPO iterations")
-    p.add_argument("--num-envs", type=int, help="episodes per PPO iteration")
+    p.add_argument("--iterations", type=int, help="PPO iterations (default: 60)")
+    p.add_argument(
+        "--num-envs", type=int, help="episodes per PPO iteration (default: 64; at least ppo.minibatch_size, 16)"
+    )
     p.add_argument(
         "--decoding", help="rollout KV cache and decode step: dynamic (default), static or compiled (torch.compile)"
     )
