@@ -155,7 +155,7 @@ def add_train_rm(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scratch", action="store_true", help="start from a new tiny model instead of the LM's trunk")
     p.add_argument("--task", help="the task, for joining text and reporting agreement with its gold reward")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the default builds use 1500)")
-    p.add_argument("--batch-size", type=int, default=16, help="records per step")
+    p.add_argument("--batch-size", type=int, default=16, help="records per step (the sentiment build uses 32)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (the sentiment build uses 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seeds the split, the model and the batches")
     p.add_argument("--out", type=Path, required=True)
