@@ -20,7 +20,7 @@ def task_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def sentiment_models(task_home: Path) -> tuple[Path, Path]:
-    """``(lm_dir, rm_dir)`` of the sentiment task's default models (built once per session, ~1 minute)."""
+    """``(lm_dir, rm_dir)`` of the sentiment task's default models (built once per session, about two minutes)."""
     from textenv.tasks.artifacts import task_models
 
     return task_models("sentiment", task_home)
