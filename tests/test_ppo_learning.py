@@ -1,6 +1,7 @@
 """PPO raises the reward on a small task, on every one of three seeds, in seconds."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -58,7 +59,12 @@ def test_whiten_rewards_scales_the_rewards_without_shifting_them(monkeypatch):
 
     calls = []
     real_whiten = agents.ppo.whiten
-    monkeypatch.setattr(agents.ppo, "whiten", lambda x, mask, shift_mean=True: (calls.append(shift_mean), real_whiten(x, mask, shift_mean))[1])
+
+    def recording_whiten(x, mask, shift_mean=True):
+        calls.append(shift_mean)
+        return real_whiten(x, mask, shift_mean)
+
+    monkeypatch.setattr(agents.ppo, "whiten", recording_whiten)
     env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=4)
     for whiten_rewards, expected in ((True, [False, True]), (False, [True])):
         calls.clear()
@@ -72,7 +78,8 @@ def test_learning_rate_anneals_linearly_from_the_full_rate():
     config = PPOConfig(learning_rate=1e-3, total_iterations=4, minibatch_size=4, micro_batch_size=4, ppo_epochs=1)
     agent = PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model)), env, config)
     assert [agent.iteration_step()["lr"] for _ in range(3)] == pytest.approx([1e-3, 0.75e-3, 0.5e-3])
-    constant = PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model)), env, PPOConfig(**{**config.__dict__, "anneal_lr": False}))
+    constant_lr = dataclasses.replace(config, anneal_lr=False)
+    constant = PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model)), env, constant_lr)
     assert [constant.iteration_step()["lr"] for _ in range(2)] == [1e-3, 1e-3]
 
 
