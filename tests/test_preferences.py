@@ -121,6 +121,11 @@ def test_simulated_annotators_follow_bradley_terry() -> None:
     assert agreement_with_gold(expand_to_pairs(exact), task) == 1.0
     again = SimulatedAnnotators(task, n_annotators=3, temperature=0.2, disagreement=0.0, seed=1).label(samples)
     assert [r.ranking for r in again] == [r.ranking for r in records]
+    # An RM as the judge (``scores``) instead of the labels: the gold reward itself agrees on every pair whatever
+    # the labels say, its negation on none.
+    pairs = expand_to_pairs(records)
+    assert agreement_with_gold(pairs, task, scores=task.gold_reward) == 1.0
+    assert agreement_with_gold(pairs, task, scores=lambda p, c: -task.gold_reward(p, c)) == 0.0
 
 
 def test_noise_and_disagreement_lower_agreement() -> None:
