@@ -151,6 +151,9 @@ def check_same_run(cfg: RLHFConfig, run_dir: Path) -> None:
     if not path.exists():
         return
     before, now = json.loads(path.read_text()), json.loads(json.dumps(asdict(cfg)))
+    # A field the folder's file lacks was added to RLHFConfig after the run started: it ran with the default.
+    defaults = json.loads(json.dumps(asdict(RLHFConfig())))
+    before = {**{k: v for k, v in defaults.items() if k not in before}, **before}
     changed = sorted(k for k in now.keys() | before.keys() if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
     if changed:
         diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)

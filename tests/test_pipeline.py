@@ -1,6 +1,7 @@
 """The main job, end to end on a tiny budget: run folder, summary, resume, and bad configurations."""
 
 import json
+import re
 import shutil
 from dataclasses import asdict
 
@@ -47,6 +48,14 @@ def test_main_job_tiny_budget_and_resume(tmp_path):
     other = RLHFConfig(run_dir=str(tmp_path / "run"), **{**TINY, "seed": 1, "num_envs": 4})
     with pytest.raises(ValueError, match=r"num_envs: 8 -> 4, seed: 0 -> 1"):
         run_rlhf(other, resume=True, progress=False)
+    # A folder started before RLHFConfig had a field (its rlhf_config.json lacks it) ran with the field's default:
+    # it resumes with the default, and only a value other than the default is a change.
+    saved = json.loads((root / "rlhf_config.json").read_text())
+    (root / "rlhf_config.json").write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith("lora")}))
+    run_rlhf(cfg, resume=True, progress=False)
+    (root / "rlhf_config.json").write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith("lora")}))
+    with pytest.raises(ValueError, match=r"lora_r: 0 -> 4"):
+        run_rlhf(RLHFConfig(**{**asdict(cfg), "lora_r": 4}), resume=True, progress=False)
     # Killed in stage 3 before its first checkpoint (no latest.json yet, but metrics lines): resuming starts
     # PPO over instead of refusing the folder.
     untimed_before = untimed(root / "ppo" / "metrics.jsonl")
@@ -97,7 +106,7 @@ def test_rlhf_help_names_rlhf_configs_defaults(capsys):
                         ("--task", defaults.task), ("--run-dir", defaults.run_dir), ("--decoding", defaults.decoding),
                         ("--lora-r", defaults.lora_r)):  # fmt: skip
         after = text.split(flag, 2)[-1].split(" --", 1)[0]  # the flag's entry in the options list
-        assert str(value) in after, (flag, after)
+        assert re.search(rf"default:? {re.escape(str(value))}\b", after), (flag, after)
 
 
 def test_main_job_on_a_task_with_a_programmatic_reward(tmp_path):

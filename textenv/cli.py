@@ -214,7 +214,7 @@ def add_rlhf(sub: argparse._SubParsersAction) -> None:
         "--num-envs", type=int, help="episodes per PPO iteration (default: 64; at least ppo.minibatch_size, 16)"
     )
     p.add_argument(
-        "--decoding", help="rollout KV cache and decode step: dynamic (default), static or compiled (torch.compile)"
+        "--decoding", help="rollout KV cache and decode step: dynamic, static or compiled (torch.compile) (default: dynamic)"
     )
     p.add_argument(
         "--lora-r", type=int, help="train LoRA adapters of this rank instead of every weight (needs peft; default 0: off)"
@@ -382,8 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileExistsError) as exc:  # ModelLoadError, PreferenceFormatError, CorpusFormatError, bad
-        # arguments, and a run or cache folder that is already there
+    except (ValueError, FileExistsError, ImportError) as exc:  # ModelLoadError, PreferenceFormatError,
+        # CorpusFormatError, bad arguments, a run or cache folder that is already there, a missing optional extra
         print(f"textenv {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
