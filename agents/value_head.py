@@ -7,6 +7,8 @@ head starts at zero so the untrained critic predicts 0 and does not perturb the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -19,6 +21,28 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+
+
+def refuse_adapters_on_tied_embeddings(lm: PreTrainedModel, config: Any) -> None:
+    """Raise if a LoRA ``config`` targets an embedding that ``lm`` ties to its LM head (GPT-2's ``wte``).
+
+    Training sees the adapter on one of the two uses of the shared matrix; merging it for the saved policy
+    writes it into the matrix, so into both uses: the saved model would not be the one trained. peft's default
+    targets never include embeddings, so only explicit ``lora_target_modules`` are checked.
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    text_config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    if config.target_modules is None or not getattr(text_config, "tie_word_embeddings", False):
+        return
+    shared = (lm.get_input_embeddings(), lm.get_output_embeddings())
+    names = [name for name, module in lm.named_modules() if any(module is m for m in shared)]
+    targeted = [name for name in names if check_target_module_exists(config, name)]
+    if targeted:
+        raise ValueError(
+            f"lora_target_modules reaches {targeted}, an embedding this model ties to its LM head: merged into the "
+            "saved policy, the adapter would change both uses of the shared weights; adapt other modules"
+        )
 
 
 class PolicyWithValueHead(nn.Module):
@@ -49,10 +73,11 @@ class PolicyWithValueHead(nn.Module):
                 raise ImportError('lora_r > 0 needs peft, an optional dependency: pip install -e ".[lora]"') from error
             from transformers.pytorch_utils import Conv1D
 
-            lm.requires_grad_(False)
             conv1d = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores weights transposed
             config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, target_modules=lora_target_modules,
                                 task_type="CAUSAL_LM", fan_in_fan_out=conv1d)  # fmt: skip
+            refuse_adapters_on_tied_embeddings(lm, config)
+            lm.requires_grad_(False)
             lm = get_peft_model(lm, config)
         else:
             lm.requires_grad_(True)  # a copy of the env's frozen reference comes with gradients off

@@ -17,7 +17,13 @@ from agents.ppo import PPOAgent, PPOConfig
 from agents.value_head import PolicyWithValueHead
 from textenv import PolicyLink
 from textenv.fused_sampling import SEARCH_BLOCK, FusedSampler, blocked_inverse_cdf, default_fused_sampling
-from textenv.sampling import SamplingConfig, first_above_with_mass, sample_tokens, uniform_draws
+from textenv.sampling import (
+    SamplingConfig,
+    first_above_with_mass,
+    flat_where_no_mass,
+    sample_tokens,
+    uniform_draws,
+)
 from textenv.toy import make_toy_env, toy_components
 
 DEVICE = torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu"))
@@ -107,6 +113,11 @@ def test_a_parallel_scans_rise_at_a_token_of_no_mass_is_never_picked():
     # row 0: the rise at token 1 is rounding; row 1: a dip there instead; row 2: only the rounding
     # rise is past the target (the last token with mass); row 3: no mass (the last token); row 4: no gap.
     assert first_above_with_mass(cdf, mass, target).squeeze(-1).tolist() == [2, 2, 1, 2, 0]
+    # The eager sampler's form: flatten the zero-mass entries, then search below the flattened total.
+    flat = flat_where_no_mass(cdf, mass)
+    flat_target = torch.minimum(target, torch.nextafter(flat[:, -1:], torch.zeros_like(target)))  # u < 1
+    assert torch.searchsorted(flat, flat_target, right=True).clamp(max=2).squeeze(-1).tolist() == [2, 2, 1, 2, 0]
+    assert torch.equal(flat_where_no_mass(mass.cumsum(-1), mass), mass.cumsum(-1))  # an exact sum: unchanged
 
 
 @SEARCHES

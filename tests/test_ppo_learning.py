@@ -130,6 +130,13 @@ def test_lora_trains_only_adapters_and_value_head():
     assert np.isfinite(stats["policy_loss"]) and stats["approx_kl"] > 0  # the adapters moved the policy
     after = policy.lm.get_base_model().state_dict()
     assert all(torch.equal(v, after[k]) for k, v in base_before.items())  # base weights untouched
+    # An adapter on an embedding tied to the LM head would be merged into both uses of it: refused, and the
+    # model handed in is left as it was (no adapters, gradients on).
+    for targets in (["wte"], ["lm_head"]):
+        lm = copy.deepcopy(env.reference_model).requires_grad_(True)
+        with pytest.raises(ValueError, match="ties to its LM head"):
+            PolicyWithValueHead(lm, lora_r=4, lora_target_modules=targets)
+        assert not hasattr(lm, "peft_config") and all(p.requires_grad for p in lm.parameters())
 
 
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "top_k": 10}])

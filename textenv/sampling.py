@@ -85,6 +85,18 @@ def first_above_with_mass(cdf: torch.Tensor, mass: torch.Tensor, target: torch.T
     return torch.where(first < n, first, torch.where(last_with_mass >= 0, last_with_mass, n - 1))
 
 
+def flat_where_no_mass(cdf: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """``cdf`` with each entry of ``mass`` 0 set to the largest value before it (0 before any).
+
+    The result never decreases and rises only at entries with mass, so a binary search for a target below its
+    last value never lands on an entry of mass 0, whatever one-ulp rises or dips a GPU's parallel scan left
+    there. On an exact cumulative sum it changes nothing. The eager sampler's form of `first_above_with_mass`:
+    two passes over the vocabulary (a ``where`` and an exact running maximum) where that takes about five;
+    compiled (fused sampling), those five fuse into the search's reductions.
+    """
+    return torch.where(mass > 0, cdf, 0.0).cummax(-1).values
+
+
 def sample_tokens(logprobs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw one token per row from log-probs ``(B, V)`` by inverse-CDF sampling.
 
@@ -92,16 +104,15 @@ def sample_tokens(logprobs: torch.Tensor, generator: torch.Generator | None = No
     is never drawn), deterministic for a seeded generator, and on the CPU about ten times faster than
     ``torch.multinomial``, which draws a random number per vocabulary entry. The cumulative sum runs in
     float64 so a 50k-token vocabulary adds no visible rounding bias. On the CPU the sum is sequential, so it
-    rises only at tokens with mass and a binary search is exact; elsewhere (a GPU's parallel scan) the
-    search also requires the token's mass (`first_above_with_mass`).
+    rises only at tokens with mass and the search is exact as it is; elsewhere (a GPU's parallel scan) it is
+    searched with its zero-mass entries flattened first (`flat_where_no_mass`).
     """
     probs = logprobs.exp().double()
     cdf = probs.cumsum(-1)
+    if cdf.device.type != "cpu":
+        cdf = flat_where_no_mass(cdf, probs)
     u = uniform_draws(cdf.shape[0], generator, cdf.device)
-    target = u * cdf[:, -1:]
-    if cdf.device.type == "cpu":
-        return torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
-    return first_above_with_mass(cdf, probs, target).squeeze(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
 
 
 def uniform_draws(rows: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
