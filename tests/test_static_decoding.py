@@ -231,7 +231,9 @@ def test_prefill_after_windowed_steps_reads_the_whole_buffer():
 
 def run_env(decoding: str, steps: int = 40) -> list[dict]:
     venv = make_toy_env(4, stop_tokens=("good",), decoding=decoding, device=DEVICE)
-    link = venv.bind_policy(PolicyLink(toy_lm(3), decoding=decoding))
+    # The same sampler on both sides (on CUDA a compiled link fuses sampling by default, which may round a token
+    # boundary differently; tests/test_fused_sampling.py compares the two): this test is about the decoding.
+    link = venv.bind_policy(PolicyLink(toy_lm(3), decoding=decoding, fused_sampling=False))
     venv.reset(seed=0)
     gen = torch.Generator().manual_seed(0)
     good = venv.tokenizer.convert_tokens_to_ids("good")
