@@ -14,7 +14,6 @@ reuses its artefact if the run folder already has it, so ``resume=True`` continu
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from agents.checkpoint import write_json_atomic
 from agents.evaluation import EvalResult, evaluate_policy
 from agents.ppo import PPOAgent, PPOConfig
 from agents.run import TrainingRun
-from agents.value_head import PolicyWithValueHead
+from agents.value_head import PolicyWithValueHead, check_lora_rank
 from textenv.kl import AdaptiveKLController
 from textenv.models import load_causal_lm, load_reward_model, load_tokenizer, same_vocabulary
 from textenv.rewards import CallableReward, RewardFunction, RewardModelScorer
@@ -167,16 +166,13 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
     console = console or Console()
     if cfg.decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {cfg.decoding!r}")
-    if cfg.lora_r < 0:
-        raise ValueError(f"lora_r must be >= 0 (0: full fine-tuning), got {cfg.lora_r}")
+    check_lora_rank(cfg.lora_r)
     ppo_config = PPOConfig(**{"total_iterations": cfg.iterations, "seed": cfg.seed, "decoding": cfg.decoding, **cfg.ppo})
     if ppo_config.minibatch_size > cfg.num_envs:  # PPOAgent refuses it too, but only after stages 1-2 have run
         raise ValueError(
             f"num_envs {cfg.num_envs} is smaller than ppo.minibatch_size {ppo_config.minibatch_size}: pass a larger "
             "--num-envs, or a smaller minibatch_size (and micro_batch_size) in the config's ppo fields"
         )
-    if cfg.lora_r > 0 and importlib.util.find_spec("peft") is None:
-        raise ImportError('lora_r > 0 needs peft, an optional dependency: pip install -e ".[lora]"')
     task = get_task(cfg.task)
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:

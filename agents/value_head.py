@@ -7,6 +7,7 @@ head starts at zero so the untrained critic predicts 0 and does not perturb the 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
@@ -21,6 +22,17 @@ def disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+
+
+def check_lora_rank(lora_r: int) -> None:
+    """Refuse a negative LoRA rank, and a positive one without peft (an optional extra), naming the fix.
+
+    `PolicyWithValueHead` checks on construction; the main job checks before its stages 1-2 spend minutes.
+    """
+    if lora_r < 0:
+        raise ValueError(f"lora_r must be >= 0 (0: train every weight), got {lora_r}")
+    if lora_r > 0 and importlib.util.find_spec("peft") is None:
+        raise ImportError('lora_r > 0 needs peft, an optional dependency: pip install -e ".[lora]"')
 
 
 def refuse_adapters_on_tied_embeddings(lm: PreTrainedModel, config: Any) -> None:
@@ -64,13 +76,9 @@ class PolicyWithValueHead(nn.Module):
     ) -> None:
         super().__init__()
         disable_dropout(lm)
-        if lora_r < 0:
-            raise ValueError(f"lora_r must be >= 0 (0: train every weight), got {lora_r}")
+        check_lora_rank(lora_r)
         if lora_r > 0:
-            try:
-                from peft import LoraConfig, get_peft_model
-            except ImportError as error:
-                raise ImportError('lora_r > 0 needs peft, an optional dependency: pip install -e ".[lora]"') from error
+            from peft import LoraConfig, get_peft_model
             from transformers.pytorch_utils import Conv1D
 
             conv1d = any(isinstance(m, Conv1D) for m in lm.modules())  # GPT-2 stores weights transposed
