@@ -70,6 +70,14 @@ class RLHFConfig:
     """How the PPO rollouts decode: ``dynamic``, ``static`` or ``compiled`` (policy and reference LMs; with
     ``compiled`` the reward model's forward is compiled too). See `textenv.static_decoding`: compiling costs
     seconds up front and pays in long runs and on GPUs."""
+    device: str = "cpu"
+    """Where every stage runs: ``cpu``, ``cuda`` or ``cuda:N``. The default tiny models run best on the CPU;
+    a GPU pays for real LMs (``lm``). New models are built and seeded on the CPU, so a seed starts the same
+    anywhere; after that the numbers follow the device's kernels."""
+    bf16: bool = False
+    """CUDA only: PPO's forwards run under bf16 autocast (the policy and value head keep float32 weights for
+    AdamW) and the frozen reference LM and reward model are held in bf16, as TRL's PPO runs with ``bf16=True``.
+    Stages 1-2 train in float32."""
     ppo: dict[str, Any] = field(default_factory=lambda: dict(learning_rate=2e-4, minibatch_size=16, micro_batch_size=16))
     """Extra `PPOConfig` fields."""
     lora_r: int = 0
@@ -111,7 +119,9 @@ def stage_budget(cfg: RLHFConfig):
         raise ValueError(f"invalid stage_budget {cfg.stage_budget}: {exc}; TaskBudget fields are {valid}") from exc
 
 
-def _stages_1_2(cfg: RLHFConfig, run_dir: Path, progress: bool, console: Console) -> tuple[Path | str, Path | str | None]:
+def _stages_1_2(
+    cfg: RLHFConfig, run_dir: Path, device: torch.device, progress: bool, console: Console
+) -> tuple[Path | str, Path | str | None]:
     """The LM and RM paths: the user's, or built into ``run_dir/models`` (reused when already there).
 
     Tasks with a programmatic reward (``Task.learned_reward`` false) have no stage 2: the RM path is None.
@@ -130,7 +140,8 @@ def _stages_1_2(cfg: RLHFConfig, run_dir: Path, progress: bool, console: Console
                       + ("simulated preferences" if records is None else f"{len(records)} preference records")
                       + ", Bradley-Terry reward model")  # fmt: skip
         metrics = build_task_models(
-            cfg.task, models, stage_budget(cfg), seed=cfg.seed, progress=progress, lm=cfg.lm, records=records
+            cfg.task, models, stage_budget(cfg), seed=cfg.seed, progress=progress, lm=cfg.lm, records=records,
+            device=device,
         )
         console.print(json.dumps({k: v for k, v in metrics.items() if k != "budget"}, indent=1))
     built = json.loads((models / "build.json").read_text())
@@ -138,9 +149,35 @@ def _stages_1_2(cfg: RLHFConfig, run_dir: Path, progress: bool, console: Console
     return built.get("lm") or models / "lm", rm_path  # "lm": null when built into models/lm
 
 
-RESUMABLE_CHANGES = ("run_dir", "iterations", "decoding", "checkpoint_every")
-"""`RLHFConfig` fields a resumed run may change: more iterations, another decode path (same numbers to float
-tolerance), another checkpoint interval. Any other change would mix the artefacts of two settings."""
+RESUMABLE_CHANGES = ("run_dir", "iterations", "decoding", "checkpoint_every", "device")
+"""`RLHFConfig` fields a resumed run may change: more iterations, another decode path or device (the same
+computation, to float tolerance: a run started on a GPU can finish on the CPU), another checkpoint interval.
+Any other change would mix the artefacts of two settings."""
+
+
+def resolve_device(name: str, bf16: bool) -> torch.device:
+    """``RLHFConfig.device`` as a torch device, refused up front (before stages 1-2 spend minutes) if this
+    machine cannot run it, or if ``bf16`` asks for autocast where PPO has none."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {name!r} is not a torch device (cpu, cuda, cuda:1, ...): {exc}") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {name!r}: CUDA is not available to this torch {torch.__version__} (a CPU build, or no GPU "
+                "visible); run on the CPU (--device cpu) or install a CUDA build of torch"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r}: the main job runs on cpu or cuda devices")
+    if bf16 and device.type != "cuda":
+        raise ValueError(
+            "bf16 needs a CUDA device (--device cuda): PPO's bf16 autocast is CUDA-only, so on the CPU it would only "
+            "round the frozen reference and reward model"
+        )
+    return device
 
 
 def check_same_run(cfg: RLHFConfig, run_dir: Path) -> None:
@@ -167,7 +204,12 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
     if cfg.decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {cfg.decoding!r}")
     check_lora_rank(cfg.lora_r)
-    ppo_config = PPOConfig(**{"total_iterations": cfg.iterations, "seed": cfg.seed, "decoding": cfg.decoding, **cfg.ppo})
+    device = resolve_device(cfg.device, cfg.bf16)
+    if "bf16" in cfg.ppo:
+        raise ValueError("set bf16 as RLHFConfig.bf16 (--bf16), not among the ppo fields: it also sets the frozen models' dtype")
+    ppo_config = PPOConfig(
+        **{"total_iterations": cfg.iterations, "seed": cfg.seed, "decoding": cfg.decoding, "bf16": cfg.bf16, **cfg.ppo}
+    )
     if ppo_config.minibatch_size > cfg.num_envs:  # PPOAgent refuses it too, but only after stages 1-2 have run
         raise ValueError(
             f"num_envs {cfg.num_envs} is smaller than ppo.minibatch_size {ppo_config.minibatch_size}: pass a larger "
@@ -183,15 +225,20 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
     write_json_atomic(run_dir / "rlhf_config.json", asdict(cfg))
     torch.manual_seed(cfg.seed)
 
-    lm_path, rm_path = _stages_1_2(cfg, run_dir, progress, console)
+    lm_path, rm_path = _stages_1_2(cfg, run_dir, device, progress, console)
 
     # ---- stage 3: PPO against the RM, with the KL penalty to the frozen pretrained LM.
-    console.print("[bold]Stage 3[/bold]: PPO")
-    reference, tokenizer = load_causal_lm(lm_path), load_tokenizer(lm_path)
+    console.print("[bold]Stage 3[/bold]: PPO" + ("" if device.type == "cpu" else f" on {device}") + (", bf16" if cfg.bf16 else ""))
+    # The policy trains a float32 copy whatever the folder's dtype (transformers loads a bf16 checkpoint as bf16,
+    # whose weights would round AdamW's updates away); the frozen models need no float32 master weights.
+    lm, tokenizer = load_causal_lm(lm_path, dtype=torch.float32), load_tokenizer(lm_path)
+    policy = PolicyWithValueHead(copy.deepcopy(lm), cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules).to(device)
+    frozen_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    reference = lm.to(device=device, dtype=frozen_dtype)
     if rm_path is None:  # programmatic reward: train on the task's own (verifiable) reward
         scorer: RewardFunction = CallableReward(task.gold_reward, name=f"{cfg.task}_reward")
     else:
-        rm, rm_tokenizer = load_reward_model(rm_path), load_tokenizer(rm_path)
+        rm, rm_tokenizer = load_reward_model(rm_path, dtype=frozen_dtype, device=device), load_tokenizer(rm_path)
         if not same_vocabulary(tokenizer, rm_tokenizer):
             console.print("note: the reward model has its own tokenizer; completions are re-tokenised as text for it")
         scorer = RewardModelScorer(rm, rm_tokenizer, join=task.join, compile=cfg.decoding == "compiled")
@@ -201,7 +248,6 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
         kl_coef=AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_horizon), autoreset_mode="Disabled",
         join=task.join, decoding=ppo_config.decoding,
     )  # fmt: skip
-    policy = PolicyWithValueHead(copy.deepcopy(reference), cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
     agent = PPOAgent(policy, env, ppo_config, gold_reward=task.gold_reward)
     heldout = task.prompts(np.random.default_rng([cfg.seed, 99]), cfg.eval_prompts)
 

@@ -29,13 +29,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$out/device.txt"
 # First the numbers: the static and compiled (CUDA-graph) decode paths against the dynamic cache, and the
-# deferred KL against the per-token one, on the GPU.
+# deferred KL against the per-token one, on the GPU; then the main job's three stages there, in bf16.
 if want tests; then
   # --continue-on-collection-errors: a module the image lacks fails its own file, not the whole list
   TEXTENV_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
     tests/test_static_decoding.py tests/test_deferred_kl.py \
     tests/test_policy_prefetch.py tests/test_compiled_step_overhead.py tests/test_fused_sampling.py tests/test_host_transfer.py \
-    tests/test_ppo_run.py::test_a_restored_optimizer_keeps_adams_step_on_the_cpu 2>&1 \
+    tests/test_ppo_run.py::test_a_restored_optimizer_keeps_adams_step_on_the_cpu \
+    tests/test_pipeline.py::test_main_job_on_a_task_with_a_programmatic_reward 2>&1 \
     | tee "$out/gpu_tests.txt"
 fi
 gpt2="--shape gpt2 --prompt 64 --device cuda --bf16"

@@ -1,22 +1,35 @@
 """The main job, end to end on a tiny budget: run folder, summary, resume, and bad configurations."""
 
 import json
+import os
 import re
 import shutil
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
-from agents.pipeline import RLHFConfig, run_rlhf
+from agents.pipeline import RLHFConfig, check_same_run, run_rlhf
 from agents.run import TIMING_KEYS
 from textenv.cli import main
+from textenv.models import load_causal_lm
+
+# ``TEXTENV_TEST_DEVICE=cuda`` runs the reverse-task main job on a GPU, in bf16 (benchmarks/gpu_suite.sh does).
+DEVICE = torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu"))
 
 TINY = dict(
     iterations=2, num_envs=8, eval_prompts=16, checkpoint_every=1,
     stage_budget={"n_prompts": 60, "k": 2, "rm_steps": 20, "pretrain": {"n_docs": 400, "n_heldout": 50, "steps": 30}},
     ppo={"minibatch_size": 4, "micro_batch_size": 4, "ppo_epochs": 1},
 )  # fmt: skip
+
+
+def saved_dtypes(folder):
+    """The dtypes of the tensors in a model folder's safetensors file (``{"F32"}``, ``{"BF16"}``...)."""
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+        return {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118 (no __iter__)
 
 
 def untimed(metrics_path):
@@ -64,13 +77,28 @@ def test_main_job_tiny_budget_and_resume(tmp_path):
         shutil.rmtree(checkpoint)
     run_rlhf(cfg, resume=True, progress=False)
     assert untimed(root / "ppo" / "metrics.jsonl") == untimed_before  # the same iterations, run again
-    # Starting from a user's LM folder and preference file: no pretraining, no simulated labels.
-    lm, prefs = root / "models" / "lm", root / "models" / "preferences.jsonl"
+    # Starting from a user's LM folder and preference file: no pretraining, no simulated labels. The folder is
+    # saved in bf16, as most hub checkpoints are (transformers loads it as bf16): the RM and the policy still
+    # train float32 weights, in which AdamW's small updates are not rounded away.
+    lm, prefs = tmp_path / "lm_bf16", root / "models" / "preferences.jsonl"
+    shutil.copytree(root / "models" / "lm", lm)
+    load_causal_lm(lm).to(torch.bfloat16).save_pretrained(lm)
+    assert saved_dtypes(lm) == {"BF16"}
     own = RLHFConfig(run_dir=str(tmp_path / "own"), lm=str(lm), preferences=str(prefs), **TINY)
     run_rlhf(own, progress=False)
     build = json.loads((tmp_path / "own" / "models" / "build.json").read_text())
     assert build["lm"] == str(lm) and not (tmp_path / "own" / "models" / "lm").exists()
     assert (tmp_path / "own" / "models" / "preferences.jsonl").read_text() == prefs.read_text()
+    assert saved_dtypes(tmp_path / "own" / "models" / "rm") == {"F32"}
+    assert saved_dtypes(tmp_path / "own" / "ppo" / "policy") == {"F32"}
+    # A run may move to another device when resumed (the same computation, to float tolerance): a folder
+    # started on a GPU resumes on the CPU; other changes are refused as before.
+    saved = json.loads((root / "rlhf_config.json").read_text())
+    (root / "rlhf_config.json").write_text(json.dumps({**saved, "device": "cuda:1"}))
+    check_same_run(cfg, root)
+    with pytest.raises(ValueError, match=r"bf16: True -> False"):
+        (root / "rlhf_config.json").write_text(json.dumps({**saved, "device": "cuda", "bf16": True}))
+        check_same_run(cfg, root)
 
 
 def test_bad_main_job_configs(tmp_path):
@@ -90,6 +118,17 @@ def test_bad_main_job_configs(tmp_path):
     with pytest.raises(ValueError, match="num_envs 8 is smaller than ppo.minibatch_size 16"):
         run_rlhf(RLHFConfig(run_dir=str(tmp_path / "g"), num_envs=8), progress=False)
     assert not (tmp_path / "g").exists()
+    # A device this machine cannot run, or bf16 off CUDA, is refused before stages 1-2, with what to do instead.
+    bad_devices = [({"device": "gpu0"}, "'gpu0' is not a torch device"), ({"device": "meta"}, "runs on cpu or cuda"),
+                   ({"bf16": True}, "bf16 needs a CUDA device"), ({"ppo": {"bf16": True}}, "set bf16 as RLHFConfig.bf16")]
+    if not torch.cuda.is_available():
+        bad_devices.append(({"device": "cuda"}, "CUDA is not available to this torch"))
+    for fields, message in bad_devices:
+        with pytest.raises(ValueError, match=message):
+            run_rlhf(RLHFConfig(run_dir=str(tmp_path / "h"), **fields), progress=False)
+        assert not (tmp_path / "h").exists()
+    assert main(["rlhf", "--run-dir", str(tmp_path / "h"), "--bf16"]) == 2
+    assert not (tmp_path / "h").exists()
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "notes.txt").write_text("mine")
     assert main(["rlhf", "--run-dir", str(tmp_path / "f")]) == 2  # a non-empty folder: an error line, no traceback
@@ -104,19 +143,24 @@ def test_rlhf_help_names_rlhf_configs_defaults(capsys):
     defaults = RLHFConfig()
     for flag, value in (("--seed", defaults.seed), ("--iterations", defaults.iterations), ("--num-envs", defaults.num_envs),
                         ("--task", defaults.task), ("--run-dir", defaults.run_dir), ("--decoding", defaults.decoding),
-                        ("--lora-r", defaults.lora_r)):  # fmt: skip
+                        ("--lora-r", defaults.lora_r), ("--device", defaults.device)):  # fmt: skip
         after = text.split(flag, 2)[-1].split(" --", 1)[0]  # the flag's entry in the options list
         assert re.search(rf"default:? {re.escape(str(value))}\b", after), (flag, after)
 
 
 def test_main_job_on_a_task_with_a_programmatic_reward(tmp_path):
-    """Reverse has a verifiable reward: no stage 2, PPO trains on the task's own reward (static KV caches)."""
+    """Reverse has a verifiable reward: no stage 2, PPO trains on the task's own reward (static KV caches).
+    On ``TEXTENV_TEST_DEVICE`` (every stage there; on CUDA with ``bf16``)."""
     budget = {"pretrain": {"n_docs": 400, "n_heldout": 50, "steps": 30}}
-    cfg = RLHFConfig(task="reverse", run_dir=str(tmp_path / "rev"), decoding="static", **{**TINY, "stage_budget": budget})
+    cfg = RLHFConfig(task="reverse", run_dir=str(tmp_path / "rev"), decoding="static", device=str(DEVICE),
+                     bf16=DEVICE.type == "cuda", **{**TINY, "stage_budget": budget})  # fmt: skip
     summary = run_rlhf(cfg, progress=False)
     assert json.loads((tmp_path / "rev" / "rlhf_config.json").read_text())["decoding"] == "static"
     assert not (tmp_path / "rev" / "models" / "rm").exists()
     assert summary["before"]["score"] == summary["before"]["gold"]  # the reward is the gold reward itself
+    assert saved_dtypes(tmp_path / "rev" / "ppo" / "policy") == {"F32"}  # bf16 is autocast, not the weights
+    metrics = [json.loads(line) for line in (tmp_path / "rev" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(np.isfinite([m["policy_loss"], m["value_loss"], m["kl"], m["score"]]).all() for m in metrics)
 
 
 def test_main_job_with_lora_saves_the_merged_policy_and_its_adapters(tmp_path):

@@ -74,7 +74,12 @@ def test_user_corpus_files_and_cli(tmp_path: Path) -> None:
     assert main(["pretrain", "--corpus", str(text), "--steps", "30", "--out", str(tmp_path / "lm")]) == 0
     assert load_causal_lm(tmp_path / "lm").config.vocab_size == len(load_tokenizer(tmp_path / "lm"))
     # fine-tune the saved model on the JSONL corpus? its vocabulary differs, so only the text file again
+    # Saved in bf16 (as most hub checkpoints are; transformers loads such a folder as bf16), it is still
+    # fine-tuned, and saved, in float32: AdamW's small updates would round away in bf16 weights.
+    load_causal_lm(tmp_path / "lm").to(torch.bfloat16).save_pretrained(tmp_path / "lm")
+    assert load_causal_lm(tmp_path / "lm").dtype == torch.bfloat16
     assert main(["pretrain", "--corpus", str(text), "--init", str(tmp_path / "lm"), "--steps", "5", "--out", str(tmp_path / "ft")]) == 0
+    assert load_causal_lm(tmp_path / "ft").dtype == torch.float32
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,13 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from textenv.cli import main
-from textenv.models import ModelLoadError, load_reward_model, load_tokenizer
+from textenv.models import (
+    ModelLoadError,
+    build_tiny_reward_model,
+    load_reward_model,
+    load_tokenizer,
+    tiny_gpt2_config,
+)
 from textenv.preferences import PreferenceRecord, SimulatedAnnotators, load_preferences
 from textenv.reward_model_training import _right_pad, score_texts, train_reward_model
 from textenv.tasks import SentimentTask
@@ -80,6 +86,26 @@ def test_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     empty.write_text("")
     assert main(["train-rm", "--preferences", str(empty), "--lm", str(tmp_path), "--out", str(tmp_path / "rm")]) == 2
     assert "empty.jsonl: file has no records" in capsys.readouterr().err
+
+
+def test_rm_from_a_hub_name_loads_its_trunk_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub name (not a local folder) goes to ``from_pretrained``, asked for float32 weights whatever the
+    checkpoint's dtype: transformers would load a bf16 checkpoint as bf16, whose weights round AdamW's updates
+    away. (The hub itself is offline here, so ``from_pretrained`` is replaced by a recorder.)"""
+    task = SentimentTask()
+    tokenizer = task.tokenizer()
+    calls = []
+
+    def from_pretrained(name, **kwargs):
+        calls.append((name, kwargs.get("dtype")))
+        config = tiny_gpt2_config(len(tokenizer), pad_token_id=tokenizer.pad_token_id, n_positions=64)
+        return build_tiny_reward_model(config, seed=0).to(kwargs.get("dtype") or torch.bfloat16)
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", from_pretrained)
+    ok = [PreferenceRecord(f"review : {i}", ["it was good .", "it was bad ."], ranking=[0, 1]) for i in range(10)]
+    result = train_reward_model(ok, tokenizer, task=task, init_from="some-org/some-lm", steps=2, progress=False)
+    assert calls == [("some-org/some-lm", torch.float32)]
+    assert {p.dtype for p in result.model.parameters()} == {torch.float32}
 
 
 def test_training_reads_the_tokens_the_scorer_reads_with_a_bos_tokenizer() -> None:

@@ -34,6 +34,8 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
+    import torch
+
     from textenv.models import build_word_tokenizer, load_causal_lm, load_tokenizer
     from textenv.pretraining import pretrain_lm, pretrain_task_lm, read_corpus_file
     from textenv.tasks import get_task
@@ -45,7 +47,9 @@ def run_pretrain(args: argparse.Namespace) -> int:
                                   batch_size=args.batch_size, lr=args.lr, n_docs=args.n_docs)  # fmt: skip
     else:
         texts = read_corpus_file(args.corpus)
-        model = load_causal_lm(args.init) if args.init else None  # first: it checks the folder exists
+        # First, as it checks the folder exists. In float32 whatever the folder's dtype: transformers loads a bf16
+        # checkpoint as bf16, whose weights would round AdamW's updates away.
+        model = load_causal_lm(args.init, dtype=torch.float32) if args.init else None
         tok_dir = args.tokenizer or args.init
         tokenizer = load_tokenizer(tok_dir) if tok_dir else build_word_tokenizer(w for t in texts for w in t.split())
         result = pretrain_lm(texts, tokenizer, model=model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -151,7 +155,7 @@ def run_label(args: argparse.Namespace) -> int:
 def add_train_rm(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-rm", help="stage 2: train a Bradley–Terry reward model on preference records")
     p.add_argument("--preferences", type=Path, required=True, help="labelled JSONL file(s), comma-separated")
-    p.add_argument("--lm", type=Path, required=True, help="LM folder: its tokenizer, and its trunk unless --scratch")
+    p.add_argument("--lm", type=Path, required=True, help="LM folder or hub name: its tokenizer, and its trunk unless --scratch")
     p.add_argument("--scratch", action="store_true", help="start from a new tiny model instead of the LM's trunk")
     p.add_argument("--task", help="the task, for joining text and reporting agreement with its gold reward")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (the default builds use 1500)")
@@ -219,6 +223,11 @@ def add_rlhf(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora-r", type=int, help="train LoRA adapters of this rank instead of every weight (needs peft; default 0: off)"
     )
+    p.add_argument("--device", help="where every stage runs: cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument(
+        "--bf16", action="store_true", default=None,
+        help="with --device cuda: PPO under bf16 autocast, frozen reference and RM in bf16 (default: off)",
+    )  # fmt: skip
     p.add_argument("--config", type=Path, help="JSON or YAML file of RLHFConfig fields")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir where it stopped")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -255,7 +264,10 @@ def run_rlhf(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown RLHF config fields {unknown}; valid: {sorted(fields)}")
     # Flags given on the command line override the config file; the rest keep RLHFConfig's defaults.
-    for name in ("task", "run_dir", "seed", "lm", "rm", "preferences", "iterations", "num_envs", "decoding", "lora_r"):
+    for name in (
+        "task", "run_dir", "seed", "lm", "rm", "preferences", "iterations", "num_envs", "decoding", "lora_r", "device",
+        "bf16",
+    ):  # fmt: skip
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     run_rlhf(RLHFConfig(**values), resume=args.resume)

@@ -131,7 +131,7 @@ def build_tiny_reward_model(config: GPT2Config, seed: int = 0) -> GPT2ForSequenc
     return model.eval()
 
 
-def _check_folder(name_or_path: str | Path) -> None:
+def check_model_source(name_or_path: str | Path) -> None:
     """A local-looking path that does not exist is a mistake, not a hub name: say so before HF does."""
     text = str(name_or_path)
     looks_local = text.startswith((".", "/", "~")) or Path(text).exists() or text.count("/") > 1
@@ -153,7 +153,7 @@ def load_causal_lm(
         a checkpoint with only pickled ``.bin`` weights is refused (convert it, or pass ``use_safetensors=None``
         if you trust it).
     """
-    _check_folder(name_or_path)
+    check_model_source(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(name_or_path), trust_remote_code=trust_remote_code, dtype=dtype, **{"use_safetensors": True, **kwargs}
@@ -172,7 +172,7 @@ def load_reward_model(
 ) -> PreTrainedModel:
     """Load any Hugging Face sequence-classification model (a reward model) by path or hub name; safetensors
     weights only, as `load_causal_lm`."""
-    _check_folder(name_or_path)
+    check_model_source(name_or_path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(name_or_path), trust_remote_code=trust_remote_code, dtype=dtype, **{"use_safetensors": True, **kwargs}

@@ -163,6 +163,7 @@ def pretrain_lm(
     seed: int = 0,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> PretrainResult:
     """Train a causal LM on ``texts`` by next-token prediction, report held-out perplexity, optionally save.
 
@@ -176,6 +177,8 @@ def pretrain_lm(
     :param seed: seeds the model initialisation and batch order (same seed, same model on CPU).
     :param out_dir: if given, ``save_pretrained`` writes model, tokenizer and ``textenv_pretrain.json`` there.
     :param progress: show a tqdm progress bar.
+    :param device: train there (default: where ``model`` is; a new model starts on the CPU). The model is built
+        and seeded on the CPU either way, so a seed gives the same initial weights on any device.
     """
     texts = list(texts)
     if heldout_texts is None:
@@ -193,6 +196,8 @@ def pretrain_lm(
             **overrides,
         )
         model = build_tiny_causal_lm(config, seed=seed)
+    if device is not None:
+        model = model.to(device)
     max_length = position_limit(model) or 1024
     docs = encode_documents(texts, tokenizer, max_length)
     if not docs:
@@ -276,12 +281,14 @@ def pretrain_task_lm(
     seed: int = 0,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
     **overrides: Any,
 ) -> PretrainResult:
     """Stage 1 on a task's own generated corpus (held-out documents come from a separate seed).
 
     :param task: the task whose ``corpus`` and ``tokenizer`` to use.
     :param budget: corpus/model/steps; default ``DEFAULT_BUDGETS[task.name]`` (or ``PretrainBudget()``).
+    :param device: where to train (default: the CPU).
     :param overrides: override fields of the budget (``steps=100``, ``n_docs=1000``, ...).
     """
     budget = budget or DEFAULT_BUDGETS.get(task.name, PretrainBudget())
@@ -300,4 +307,5 @@ def pretrain_task_lm(
         seed=seed,
         out_dir=out_dir,
         progress=progress,
+        device=device,
     )

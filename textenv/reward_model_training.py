@@ -33,6 +33,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 from textenv.models import (
     ModelLoadError,
     build_tiny_reward_model,
+    check_model_source,
     encode_truncating_left,
     position_limit,
     save_model_folder,
@@ -141,17 +142,19 @@ def _init_model(
             **overrides,
         )
         return build_tiny_reward_model(config, seed=seed)
-    path = Path(init_from)
-    if not path.is_dir():
-        raise ModelLoadError(f"LM folder {str(path)!r} to initialise the reward model from does not exist")
+    check_model_source(init_from)  # a missing local folder is named as such; a hub name goes to from_pretrained
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "score.weight newly initialised" is expected here
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, use_safetensors=True)
+            # float32 whatever the folder's dtype (transformers loads a bf16 checkpoint as bf16): AdamW's updates
+            # would round away in bf16 weights.
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(init_from), num_labels=1, use_safetensors=True, dtype=torch.float32
+            )
     except Exception as exc:
-        raise ModelLoadError(f"cannot initialise a reward model from {str(path)!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot initialise a reward model from {str(init_from)!r}: {exc}") from exc
     finally:
         transformers.logging.set_verbosity(verbosity)
     if model.config.pad_token_id is None:
@@ -192,6 +195,7 @@ def train_reward_model(
     normalize_texts: Sequence[str] | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> RMResult:
     """Train a Bradley–Terry reward model on preference records, normalise it, measure it, save it.
 
@@ -199,7 +203,8 @@ def train_reward_model(
     :param tokenizer: tokenizer for the RM's text (saved with it).
     :param task: if given, its ``join`` builds the text and its gold reward is used to report agreements.
     :param join: how to join prompt and completion when there is no task (default: one space).
-    :param init_from: an LM folder (its trunk, with a new score head), a model, or None (a new tiny GPT-2).
+    :param init_from: an LM folder or hub name (its trunk, with a new score head, in float32 whatever the
+        checkpoint's dtype), a model, or None (a new tiny GPT-2).
     :param config_overrides: `tiny_gpt2_config` arguments when starting from scratch.
     :param heldout_fraction: fraction of prompts whose pairs are held out for the accuracy report.
     :param steps: optimiser steps of ``batch_size`` records each (all pairs of a record in one step).
@@ -209,6 +214,8 @@ def train_reward_model(
         training completions (which are reference samples when they come from ``textenv preferences``).
     :param out_dir: if given, the RM folder (``save_pretrained``, tokenizer, ``textenv_reward_model.json``).
     :param progress: show a tqdm progress bar.
+    :param device: train there (default: where ``init_from`` is, or the CPU). A new model or score head is
+        initialised on the CPU either way, so a seed gives the same initial weights on any device.
     :raises ValueError: no usable training pairs.
     """
     started = time.perf_counter()
@@ -218,6 +225,8 @@ def train_reward_model(
     if not train_pairs:
         raise ValueError("no training pairs: the records are all ties or skips, or there are too few prompts")
     model = _init_model(init_from, tokenizer, config_overrides or {}, seed)
+    if device is not None:
+        model = model.to(device)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     max_length = position_limit(model) or 1024
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from textenv.preferences import (
 from textenv.pretraining import DEFAULT_BUDGETS, PretrainBudget, pretrain_task_lm
 from textenv.reward_model_training import train_reward_model
 from textenv.tasks import Task, get_task
+
+if TYPE_CHECKING:
+    import torch
 
 BUILD_FILE = "build.json"
 
@@ -100,6 +103,7 @@ def build_task_models(
     progress: bool = False,
     lm: str | Path | None = None,
     records: Sequence[PreferenceRecord] | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Run stage 1 and stage 2 for a task into ``out_dir/{lm,rm}`` (not atomic; see `task_models`).
 
@@ -111,6 +115,7 @@ def build_task_models(
     :param budget: default ``DEFAULT_TASK_BUDGETS[task_name]``.
     :param lm: start from this LM (folder or hub name) instead of pretraining one (stage 1 skipped).
     :param records: train the RM on these preference records instead of simulated labels.
+    :param device: where the LM trains and samples and the RM trains (default: the CPU).
     :returns: the measured numbers (also in ``build.json``).
     :raises ValueError: ``records`` given for a task without a learned reward.
     """
@@ -122,11 +127,13 @@ def build_task_models(
     started = time.perf_counter()
     lm_metrics: dict[str, Any] = {}
     if lm is None:
-        lm_result = pretrain_task_lm(task, budget.pretrain, seed=seed, out_dir=out_dir / "lm", progress=progress)
+        lm_result = pretrain_task_lm(
+            task, budget.pretrain, seed=seed, out_dir=out_dir / "lm", progress=progress, device=device
+        )
         lm_metrics = {"lm_perplexity": lm_result.perplexity, "uniform_perplexity": lm_result.uniform_perplexity}
         lm = out_dir / "lm"
     t_lm = time.perf_counter() - started
-    model, tokenizer = load_causal_lm(lm), load_tokenizer(lm)
+    model, tokenizer = load_causal_lm(lm, device=device), load_tokenizer(lm)
     # build.json's "lm": null when stage 1 built it into lm/ beside the file (which may move, as a finished
     # cache build does), else the user's LM as an absolute path (resumable from any folder) or a hub name.
     source = None if lm == out_dir / "lm" else str(Path(lm).resolve()) if Path(lm).exists() else str(lm)
@@ -143,7 +150,7 @@ def build_task_models(
     gold = task.gold_reward(prompts, [c for r in records for c in r.completions])
     rm_result = train_reward_model(
         records, tokenizer, task=task, init_from=lm, steps=budget.rm_steps, batch_size=budget.rm_batch_size,
-        lr=budget.rm_lr, seed=seed, out_dir=out_dir / "rm", progress=progress,
+        lr=budget.rm_lr, seed=seed, out_dir=out_dir / "rm", progress=progress, device=device,
     )  # fmt: skip
     t_rm = time.perf_counter() - started - t_lm - t_pref
     metrics = {
