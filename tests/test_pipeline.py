@@ -191,3 +191,19 @@ def test_main_job_with_lora_saves_the_merged_policy_and_its_adapters(tmp_path):
         run_rlhf(RLHFConfig(run_dir=str(tmp_path / "neg"), lora_r=-1), progress=False)
     assert main(["rlhf", "--run-dir", str(tmp_path / "neg"), "--lora-r", "-1"]) == 2
     assert not (tmp_path / "neg").exists()
+
+
+def test_evaluate_command(tmp_path, sentiment_models, capsys):
+    """``textenv evaluate``: the task's pretrained LM against itself (KL 0, to rounding) on the task's RM, on
+    ``--device``; a device this machine lacks is an error line before any model loads."""
+    lm_dir, _ = sentiment_models
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--task", "sentiment", "--policy", str(lm_dir), "--prompts", "8", "--device", str(DEVICE),
+                 "--out", str(out)]) == 0  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == saved["metrics"]
+    # KL 0 to rounding: the policy and the reference are two copies of one LM, run by two decoders.
+    assert len(saved["samples"]) == 8 and all(abs(s["kl"]) < 1e-4 for s in saved["samples"])
+    assert abs(saved["metrics"]["kl"]) < 1e-4 and np.isfinite([saved["metrics"]["gold"], saved["metrics"]["score"]]).all()
+    assert main(["evaluate", "--task", "sentiment", "--policy", str(lm_dir), "--device", "gpu0"]) == 2
+    assert "'gpu0' is not a torch device" in capsys.readouterr().err

@@ -283,6 +283,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rm", help="reward model folder (default: the task's RM)")
     p.add_argument("--prompts", type=int, default=256, help="number of held-out prompts")
     p.add_argument("--seed", type=int, default=0, help="seeds the prompts and the sampling")
+    p.add_argument("--device", default="cpu", help="where the models run: cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--out", type=Path, help="write the metrics and samples as JSON here")
     p.set_defaults(func=run_evaluate)
 
@@ -291,6 +292,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from agents.evaluation import evaluate_policy
+    from agents.pipeline import resolve_device
     from textenv.models import load_causal_lm, load_reward_model, load_tokenizer
     from textenv.rewards import RewardModelScorer
     from textenv.task_env import default_reward_source, task_reward
@@ -298,13 +300,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from textenv.tasks.artifacts import task_models
 
     task = get_task(args.task)
+    device = resolve_device(args.device, bf16=False)  # before any model is built or loaded
     reference_path = args.reference or task_models(args.task, progress=True)[0]
-    policy, tokenizer = load_causal_lm(args.policy), load_tokenizer(args.policy)
-    reference = load_causal_lm(reference_path)
+    policy, tokenizer = load_causal_lm(args.policy, device=device), load_tokenizer(args.policy)
+    reference = load_causal_lm(reference_path, device=device)
     if args.rm is not None:
-        scorer = RewardModelScorer(load_reward_model(args.rm), load_tokenizer(args.rm), join=task.join)
+        scorer = RewardModelScorer(load_reward_model(args.rm, device=device), load_tokenizer(args.rm), join=task.join)
     else:  # the task's default: its learned RM, or its programmatic reward
         scorer = task_reward(args.task, default_reward_source(args.task))
+        if isinstance(scorer, RewardModelScorer):
+            scorer.model.to(device)
     prompts = task.prompts(np.random.default_rng([args.seed, 99]), args.prompts)
     result = evaluate_policy(
         policy, reference, tokenizer, scorer, prompts, task.max_prompt_tokens, task.max_new_tokens,
