@@ -50,7 +50,7 @@ from transformers import PreTrainedModel
 from agents.ppo import masked_mean
 from agents.rollout import Rollout, collect_rollout, generated_positions, iteration_stats, taken_logprobs
 from agents.update_stats import UpdateStats
-from agents.value_head import PolicyWithValueHead
+from agents.value_head import PolicyWithValueHead, warn_on_half_precision_weights
 from textenv.host_transfer import to_device
 from textenv.models import position_ids_from_mask
 from textenv.policy_link import PolicyLink
@@ -218,6 +218,7 @@ class SequencePolicyGradientAgent(ABC):
         env.bind_policy(self.link)
         # Only the LM is optimised; the value head holds REINFORCE's baseline (or nothing) and gets no gradient.
         trainable = [p for p in self.policy.lm.parameters() if p.requires_grad]  # all, or the adapters (LoRA)
+        warn_on_half_precision_weights(self.policy)
         self.optimizer = torch.optim.Adam(trainable, lr=config.learning_rate, eps=1e-5)
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self.iteration = 0

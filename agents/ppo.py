@@ -30,7 +30,7 @@ from torch import nn
 
 from agents.rollout import Rollout, collect_rollout, generated_positions, iteration_stats, taken_logprobs
 from agents.update_stats import UpdateStats
-from agents.value_head import PolicyWithValueHead
+from agents.value_head import PolicyWithValueHead, warn_on_half_precision_weights
 from textenv.host_transfer import to_device, to_host
 from textenv.policy_link import PolicyLink
 from textenv.sampling import SamplingConfig
@@ -240,6 +240,7 @@ class PPOAgent:
         # allocate its KV cache, which no later (deferred) batch uses or frees.
         env.reset(seed=self.config.seed * env.num_envs, options={"defer_kl": True} if self.config.defer_kl else None)
         # No weight decay, as TRL (transformers Trainer's default) and the policy-gradient agents; AdamW's own is 0.01.
+        warn_on_half_precision_weights(policy)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.config.learning_rate, eps=1e-5, weight_decay=0.0)
         self.generator = torch.Generator(device="cpu").manual_seed(self.config.seed)  # on CPU: same draws on any device
         self.iteration = 0

@@ -8,6 +8,7 @@ head starts at zero so the untrained critic predicts 0 and does not perturb the 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Any
 
 import torch
@@ -33,6 +34,22 @@ def check_lora_rank(lora_r: int) -> None:
         raise ValueError(f"lora_r must be >= 0 (0: train every weight), got {lora_r}")
     if lora_r > 0 and importlib.util.find_spec("peft") is None:
         raise ImportError('lora_r > 0 needs peft, an optional dependency: pip install -e ".[lora]"')
+
+
+def warn_on_half_precision_weights(policy: nn.Module) -> None:
+    """Warn if ``policy`` trains bf16 or fp16 weights. Adam's steps are about ``lr`` each, and bf16 cannot hold
+    a change smaller than about 1/256 of a weight (at ``lr`` 1e-5, every weight above about 0.003 rounds back),
+    so a policy loaded in bf16 (transformers loads a bf16 checkpoint as bf16 unless asked otherwise) silently
+    learns little. Frozen weights (a LoRA base, a frozen reference) may be half precision: they take no steps."""
+    half = sorted({str(p.dtype).removeprefix("torch.") for p in policy.parameters()
+                   if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})  # fmt: skip
+    if half:
+        warnings.warn(
+            f"the policy trains {'/'.join(half)} weights, in which small optimizer steps round away: load the LM in "
+            "float32 (load_causal_lm(..., dtype=torch.float32)) and compute in bf16 with PPOConfig(bf16=True), or "
+            "train LoRA adapters (lora_r > 0) on the half-precision base",
+            stacklevel=3,
+        )
 
 
 def refuse_adapters_on_tied_embeddings(lm: PreTrainedModel, config: Any) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,7 +54,9 @@ def rollout_agent(models, prompts, args) -> PPOAgent:
     policy = PolicyWithValueHead(copy.deepcopy(models["policy"]))
     config = PPOConfig(minibatch_size=len(prompts), micro_batch_size=len(prompts), bf16=args.bf16, decoding=args.decoding,
                        defer_kl=args.defer_kl)  # fmt: skip
-    agent = PPOAgent(policy, env, config)
+    with warnings.catch_warnings():  # --bf16 gives the policy bf16 weights: fine here, as nothing trains
+        warnings.filterwarnings("ignore", message="the policy trains")
+        agent = PPOAgent(policy, env, config)
     apply_agent_options(agent, args)
     return agent
 

@@ -119,6 +119,27 @@ def test_ppo_refuses_bad_setups():
         PPOAgent(stranger, env, PPOConfig(minibatch_size=4, micro_batch_size=4))
 
 
+def test_agents_warn_when_the_policy_trains_half_precision_weights():
+    """A bf16 policy (transformers loads a bf16 checkpoint as bf16) learns little: Adam's small steps round
+    away. PPO and the policy-gradient agents warn, naming the fixes; float32, or a bf16 base under LoRA, do not."""
+    import warnings
+
+    from agents.reinforce import ReinforceAgent, ReinforceConfig
+
+    env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=4)
+    settings = dict(minibatch_size=4, micro_batch_size=4)
+    with pytest.warns(UserWarning, match=r"trains bfloat16 weights.*dtype=torch.float32.*PPOConfig\(bf16=True\)"):
+        PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model).to(torch.bfloat16)), env, PPOConfig(**settings))
+    with pytest.warns(UserWarning, match="trains float16 weights"):
+        ReinforceAgent(copy.deepcopy(env.reference_model).to(torch.float16), env, ReinforceConfig(minibatch_size=4))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the policy trains")
+        PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model)), env, PPOConfig(**settings))
+        lora = PolicyWithValueHead(copy.deepcopy(env.reference_model).to(torch.bfloat16), lora_r=4, lora_target_modules=["c_attn"])
+        assert {p.dtype for p in lora.parameters() if p.requires_grad} == {torch.float32}  # peft's adapters
+        PPOAgent(lora, env, PPOConfig(**settings))
+
+
 def test_lora_trains_only_adapters_and_value_head():
     env = make_toy_env(8, autoreset_mode="Disabled", max_new_tokens=4)
     policy = PolicyWithValueHead(copy.deepcopy(env.reference_model), lora_r=4, lora_target_modules=["c_attn"])
