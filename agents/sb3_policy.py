@@ -47,7 +47,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from transformers import PreTrainedModel
 
-from agents.value_head import disable_dropout
+from agents.value_head import disable_dropout, warn_on_half_precision_weights
 from textenv.models import position_ids_from_mask
 from textenv.policy_link import PolicyLink
 
@@ -173,6 +173,7 @@ class LMPolicy(ActorCriticPolicy):
             nn.init.zeros_(self.value_net.weight)
         nn.init.zeros_(self.value_net.bias)
         self.value_net.to(next(lm.parameters()).device)
+        warn_on_half_precision_weights(self)
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:

@@ -271,6 +271,10 @@ def test_wrong_vocabulary_is_rejected():
     with pytest.raises(ValueError, match="share the env's vocabulary"):
         PPO(LMPolicy, env, policy_kwargs={"model": small}, device="cpu")
 
+    # A bf16 LM (as transformers loads a bf16 checkpoint) would train bf16 weights: warned, as the agents do.
+    with pytest.warns(UserWarning, match="trains bfloat16 weights"):
+        PPO(LMPolicy, env, policy_kwargs={"model": env.unwrapped.reference_model.to(torch.bfloat16)}, device="cpu")
+
 
 # ------------------------------------------------------------------------------------------ example
 def test_example_runs(monkeypatch, capsys):
