@@ -13,7 +13,6 @@ reuses its artefact if the run folder already has it, so ``resume=True`` continu
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from rich.table import Table
 
 from agents.checkpoint import write_json_atomic
 from agents.evaluation import EvalResult, evaluate_policy
-from agents.ppo import PPOAgent, PPOConfig
+from agents.ppo import PPOAgent, PPOConfig, cuda_bf16_autocast
 from agents.run import TrainingRun
 from agents.value_head import PolicyWithValueHead, check_lora_rank
 from textenv.kl import AdaptiveKLController
@@ -76,8 +75,9 @@ class RLHFConfig:
     anywhere; after that the numbers follow the device's kernels."""
     bf16: bool = False
     """CUDA only: PPO's forwards run under bf16 autocast (the policy and value head keep float32 weights for
-    AdamW) and the frozen reference LM and reward model are held in bf16, as TRL's PPO runs with ``bf16=True``.
-    Stages 1-2 train in float32."""
+    AdamW) and the frozen reference LM and reward model are held in bf16, as TRL's PPO runs with ``bf16=True``
+    (so the RM's scores carry bf16's 3 significant digits; its normalisation was measured in float32). With
+    ``lora_r`` the LM's frozen base is bf16 too. Stages 1-2 train in float32. A run cannot change it on resume."""
     ppo: dict[str, Any] = field(default_factory=lambda: dict(learning_rate=2e-4, minibatch_size=16, micro_batch_size=16))
     """Extra `PPOConfig` fields."""
     lora_r: int = 0
@@ -151,8 +151,8 @@ def _stages_1_2(
 
 RESUMABLE_CHANGES = ("run_dir", "iterations", "decoding", "checkpoint_every", "device")
 """`RLHFConfig` fields a resumed run may change: more iterations, another decode path or device (the same
-computation, to float tolerance: a run started on a GPU can finish on the CPU), another checkpoint interval.
-Any other change would mix the artefacts of two settings."""
+computation, to float tolerance: a run started on a GPU without ``bf16`` can finish on the CPU), another
+checkpoint interval. Any other change would mix the artefacts of two settings."""
 
 
 def resolve_device(name: str, bf16: bool) -> torch.device:
@@ -171,7 +171,7 @@ def resolve_device(name: str, bf16: bool) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
-        raise ValueError(f"device {name!r}: the main job runs on cpu or cuda devices")
+        raise ValueError(f"device {name!r}: textenv runs on cpu or cuda devices")
     if bf16 and device.type != "cuda":
         raise ValueError(
             "bf16 needs a CUDA device (--device cuda): PPO's bf16 autocast is CUDA-only, so on the CPU it would only "
@@ -204,6 +204,8 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
     if cfg.decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {cfg.decoding!r}")
     check_lora_rank(cfg.lora_r)
+    if not isinstance(cfg.bf16, bool) or not isinstance(cfg.device, str):  # a config file's "false" is truthy
+        raise ValueError(f"bf16 must be true or false and device a string, got {cfg.bf16!r} and {cfg.device!r}")
     device = resolve_device(cfg.device, cfg.bf16)
     if "bf16" in cfg.ppo:
         raise ValueError("set bf16 as RLHFConfig.bf16 (--bf16), not among the ppo fields: it also sets the frozen models' dtype")
@@ -229,12 +231,15 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
 
     # ---- stage 3: PPO against the RM, with the KL penalty to the frozen pretrained LM.
     console.print("[bold]Stage 3[/bold]: PPO" + ("" if device.type == "cpu" else f" on {device}") + (", bf16" if cfg.bf16 else ""))
-    # The policy trains a float32 copy whatever the folder's dtype (transformers loads a bf16 checkpoint as bf16,
-    # whose weights would round AdamW's updates away); the frozen models need no float32 master weights.
-    lm, tokenizer = load_causal_lm(lm_path, dtype=torch.float32), load_tokenizer(lm_path)
-    policy = PolicyWithValueHead(copy.deepcopy(lm), cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules).to(device)
+    # The policy and the reference load separately, each in its own dtype and straight onto the device (no
+    # float32 copy of a large LM on the host). Trained weights are float32 whatever the folder's dtype
+    # (transformers loads a bf16 checkpoint as bf16, whose weights would round AdamW's updates away); frozen
+    # ones, the reference, the RM and a LoRA base under bf16, need no float32 master weights.
     frozen_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-    reference = lm.to(device=device, dtype=frozen_dtype)
+    tokenizer = load_tokenizer(lm_path)
+    lm = load_causal_lm(lm_path, dtype=frozen_dtype if cfg.lora_r > 0 else torch.float32, device=device)
+    policy = PolicyWithValueHead(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
+    reference = load_causal_lm(lm_path, dtype=frozen_dtype, device=device)
     if rm_path is None:  # programmatic reward: train on the task's own (verifiable) reward
         scorer: RewardFunction = CallableReward(task.gold_reward, name=f"{cfg.task}_reward")
     else:
@@ -252,10 +257,11 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
     heldout = task.prompts(np.random.default_rng([cfg.seed, 99]), cfg.eval_prompts)
 
     def evaluate(lm) -> EvalResult:
-        return evaluate_policy(
-            lm, reference, tokenizer, scorer, heldout, task.max_prompt_tokens, task.max_new_tokens,
-            gold_reward=task.gold_reward, seed=cfg.seed + 1, join=task.join,
-        )  # fmt: skip
+        with cuda_bf16_autocast(cfg.bf16, device.type):  # the policy as PPO's rollouts run it
+            return evaluate_policy(
+                lm, reference, tokenizer, scorer, heldout, task.max_prompt_tokens, task.max_new_tokens,
+                gold_reward=task.gold_reward, seed=cfg.seed + 1, join=task.join,
+            )  # fmt: skip
 
     run = TrainingRun(agent, run_dir / "ppo", cfg.checkpoint_every, evaluate, {"task": cfg.task, "lm": str(lm_path), "rm": str(rm_path)})
     run.train(cfg.iterations, resume=resume, progress=progress)  # (killed before its first checkpoint: starts over)

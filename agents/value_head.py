@@ -46,8 +46,9 @@ def warn_on_half_precision_weights(policy: nn.Module) -> None:
     if half:
         warnings.warn(
             f"the policy trains {'/'.join(half)} weights, in which small optimizer steps round away: load the LM in "
-            "float32 (load_causal_lm(..., dtype=torch.float32)) and compute in bf16 with PPOConfig(bf16=True), or "
-            "train LoRA adapters (lora_r > 0) on the half-precision base",
+            "float32 (load_causal_lm(..., dtype=torch.float32)), with bf16 autocast for speed where the agent has "
+            "it (PPOConfig(bf16=True)), or train LoRA adapters on the half-precision base "
+            "(PolicyWithValueHead(lm, lora_r=8))",
             stacklevel=3,
         )
 

@@ -1,5 +1,7 @@
 """Same seed, same episodes; the vector env matches B single envs; autoreset semantics."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -156,3 +158,21 @@ def test_inactive_rows_report_zero_kl():
     _, rewards, _, _, info = venv.step(np.array([3, 3]))
     assert rewards[0] == 0.0 and info["kl"][0] == 0.0
     assert info["kl"][1] != 0.0  # the uniform policy against the reference: a nonzero KL where a row is active
+
+
+def test_seeded_rng_repeats_its_draws_and_restores_the_callers_stream():
+    """`textenv.models.seeded_rng`, which stages 1-2 train and sample under: the same draws each time, on the CPU
+    and on the model's device (``TEXTENV_TEST_DEVICE``: a GPU's own RNG), and the caller's streams untouched."""
+    from textenv.models import seeded_rng
+
+    device = torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu"))
+    torch.manual_seed(1)
+    expected = torch.rand(2, device=device), torch.rand(2)
+    torch.manual_seed(1)
+    blocks = []
+    for _ in range(2):
+        with seeded_rng(5, device):
+            blocks.append((torch.rand(3, device=device), torch.rand(3)))
+    assert all(torch.equal(a, b) for a, b in zip(blocks[0], blocks[1], strict=True))
+    after = torch.rand(2, device=device), torch.rand(2)
+    assert all(torch.equal(a, b) for a, b in zip(expected, after, strict=True))

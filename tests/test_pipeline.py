@@ -77,20 +77,13 @@ def test_main_job_tiny_budget_and_resume(tmp_path):
         shutil.rmtree(checkpoint)
     run_rlhf(cfg, resume=True, progress=False)
     assert untimed(root / "ppo" / "metrics.jsonl") == untimed_before  # the same iterations, run again
-    # Starting from a user's LM folder and preference file: no pretraining, no simulated labels. The folder is
-    # saved in bf16, as most hub checkpoints are (transformers loads it as bf16): the RM and the policy still
-    # train float32 weights, in which AdamW's small updates are not rounded away.
-    lm, prefs = tmp_path / "lm_bf16", root / "models" / "preferences.jsonl"
-    shutil.copytree(root / "models" / "lm", lm)
-    load_causal_lm(lm).to(torch.bfloat16).save_pretrained(lm)
-    assert saved_dtypes(lm) == {"BF16"}
+    # Starting from a user's LM folder and preference file: no pretraining, no simulated labels.
+    lm, prefs = root / "models" / "lm", root / "models" / "preferences.jsonl"
     own = RLHFConfig(run_dir=str(tmp_path / "own"), lm=str(lm), preferences=str(prefs), **TINY)
     run_rlhf(own, progress=False)
     build = json.loads((tmp_path / "own" / "models" / "build.json").read_text())
     assert build["lm"] == str(lm) and not (tmp_path / "own" / "models" / "lm").exists()
     assert (tmp_path / "own" / "models" / "preferences.jsonl").read_text() == prefs.read_text()
-    assert saved_dtypes(tmp_path / "own" / "models" / "rm") == {"F32"}
-    assert saved_dtypes(tmp_path / "own" / "ppo" / "policy") == {"F32"}
     # A run may move to another device when resumed (the same computation, to float tolerance): a folder
     # started on a GPU resumes on the CPU; other changes are refused as before.
     saved = json.loads((root / "rlhf_config.json").read_text())
@@ -101,7 +94,7 @@ def test_main_job_tiny_budget_and_resume(tmp_path):
         check_same_run(cfg, root)
 
 
-def test_bad_main_job_configs(tmp_path):
+def test_bad_main_job_configs(tmp_path, capsys):
     with pytest.raises(ValueError, match="Unknown task|unknown task|valid"):
         run_rlhf(RLHFConfig(task="nope", run_dir=str(tmp_path / "a")), progress=False)
     with pytest.raises(ValueError, match="TaskBudget fields"):
@@ -119,7 +112,7 @@ def test_bad_main_job_configs(tmp_path):
         run_rlhf(RLHFConfig(run_dir=str(tmp_path / "g"), num_envs=8), progress=False)
     assert not (tmp_path / "g").exists()
     # A device this machine cannot run, or bf16 off CUDA, is refused before stages 1-2, with what to do instead.
-    bad_devices = [({"device": "gpu0"}, "'gpu0' is not a torch device"), ({"device": "meta"}, "runs on cpu or cuda"),
+    bad_devices = [({"device": "gpu0"}, "'gpu0' is not a torch device"), ({"device": "meta"}, "textenv runs on cpu or cuda"),
                    ({"bf16": True}, "bf16 needs a CUDA device"), ({"ppo": {"bf16": True}}, "set bf16 as RLHFConfig.bf16")]
     if not torch.cuda.is_available():
         bad_devices.append(({"device": "cuda"}, "CUDA is not available to this torch"))
@@ -128,6 +121,15 @@ def test_bad_main_job_configs(tmp_path):
             run_rlhf(RLHFConfig(run_dir=str(tmp_path / "h"), **fields), progress=False)
         assert not (tmp_path / "h").exists()
     assert main(["rlhf", "--run-dir", str(tmp_path / "h"), "--bf16"]) == 2
+    assert not (tmp_path / "h").exists()
+    # A config file's bf16 must be a boolean ("false" is truthy), and --no-bf16 overrides the file's true.
+    config = tmp_path / "bf16.json"
+    for value, message in (('"false"', "bf16 must be true or false"), ("true", "bf16 needs a CUDA device")):
+        config.write_text(f'{{"bf16": {value}, "num_envs": 8}}')
+        assert main(["rlhf", "--run-dir", str(tmp_path / "h"), "--config", str(config)]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["rlhf", "--run-dir", str(tmp_path / "h"), "--config", str(config), "--no-bf16"]) == 2
+    assert "num_envs 8 is smaller than ppo.minibatch_size" in capsys.readouterr().err  # past the bf16 check
     assert not (tmp_path / "h").exists()
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "notes.txt").write_text("mine")
@@ -161,6 +163,34 @@ def test_main_job_on_a_task_with_a_programmatic_reward(tmp_path):
     assert saved_dtypes(tmp_path / "rev" / "ppo" / "policy") == {"F32"}  # bf16 is autocast, not the weights
     metrics = [json.loads(line) for line in (tmp_path / "rev" / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(np.isfinite([m["policy_loss"], m["value_loss"], m["kl"], m["score"]]).all() for m in metrics)
+
+
+def test_main_job_from_a_bf16_lm_folder_on_the_test_device(tmp_path):
+    """A user's LM folder saved in bf16, as most hub checkpoints are (transformers loads it as bf16): stage 2
+    samples from it and trains the RM from its trunk, and PPO trains the policy, all in float32 weights, in
+    which AdamW's small updates are not rounded away. On ``TEXTENV_TEST_DEVICE`` (every stage there; on CUDA
+    with ``bf16``: autocast, with the frozen reference and RM in bf16)."""
+    from textenv.pretraining import pretrain_task_lm
+    from textenv.tasks import get_task
+
+    lm = tmp_path / "lm_bf16"
+    pretrain_task_lm(get_task("sentiment"), steps=30, n_docs=400, n_heldout=50, out_dir=lm, progress=False)
+    load_causal_lm(lm).to(torch.bfloat16).save_pretrained(lm)
+    assert saved_dtypes(lm) == {"BF16"}
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+    cfg = RLHFConfig(run_dir=str(tmp_path / "run"), lm=str(lm), decoding="static", device=str(DEVICE),
+                     bf16=DEVICE.type == "cuda", **TINY)  # fmt: skip
+    summary = run_rlhf(cfg, progress=False)
+    root = tmp_path / "run"
+    assert json.loads((root / "models" / "build.json").read_text())["lm"] == str(lm)
+    assert saved_dtypes(root / "models" / "rm") == {"F32"}
+    assert saved_dtypes(root / "ppo" / "policy") == {"F32"}  # bf16 is autocast, not the weights
+    metrics = [json.loads(line) for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(np.isfinite([m["policy_loss"], m["value_loss"], m["kl"], m["score"]]).all() for m in metrics)
+    assert np.isfinite([summary["after"]["gold"], summary["after"]["score"], summary["after"]["kl"]]).all()
+    if DEVICE.type == "cuda":  # the models ran there: a 2-layer policy, its reference and RM, and Adam's moments
+        assert torch.cuda.max_memory_allocated(DEVICE) > 2**20
 
 
 def test_main_job_with_lora_saves_the_merged_policy_and_its_adapters(tmp_path):

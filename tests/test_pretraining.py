@@ -95,9 +95,16 @@ def test_bad_corpus_files(tmp_path: Path, content: str, message: str) -> None:
         read_corpus_file(tmp_path / "missing.txt")
 
 
-def test_missing_and_corrupt_model_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_and_corrupt_model_folders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_causal_lm(tmp_path / "nope")
+    # A relative "models/lm" whose first folder is here is a missing folder, not a hub id "org/name".
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelLoadError, match="model folder 'models/lm' does not exist"):
+        load_causal_lm("models/lm")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text("{broken")

@@ -225,7 +225,7 @@ def add_rlhf(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", help="where every stage runs: cpu, cuda or cuda:N (default: cpu)")
     p.add_argument(
-        "--bf16", action="store_true", default=None,
+        "--bf16", action=argparse.BooleanOptionalAction, default=None,
         help="with --device cuda: PPO under bf16 autocast, frozen reference and RM in bf16 (default: off)",
     )  # fmt: skip
     p.add_argument("--config", type=Path, help="JSON or YAML file of RLHFConfig fields")

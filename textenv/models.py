@@ -8,8 +8,9 @@ with the `tokenizers` library, never downloading anything.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +115,20 @@ def tiny_gpt2_config(
     )
 
 
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Torch's RNG seeded with ``seed`` for a block, and restored after it: on the CPU, and on ``device`` when
+    that is a GPU (whose RNG draws a CUDA model's dropout and sampling). The block draws the same numbers each
+    time, and the caller's random streams go on as if it had not run."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_tiny_causal_lm(config: GPT2Config, seed: int = 0) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 causal LM from `config`, deterministic in `seed`."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         model = GPT2LMHeadModel(config)
     return model.eval()
 
@@ -125,8 +136,7 @@ def build_tiny_causal_lm(config: GPT2Config, seed: int = 0) -> GPT2LMHeadModel:
 def build_tiny_reward_model(config: GPT2Config, seed: int = 0) -> GPT2ForSequenceClassification:
     """A randomly initialised GPT-2 sequence classifier with one output (the reward)."""
     config = GPT2Config.from_dict({**config.to_dict(), "num_labels": 1})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed):
         model = GPT2ForSequenceClassification(config)
     return model.eval()
 
@@ -134,8 +144,13 @@ def build_tiny_reward_model(config: GPT2Config, seed: int = 0) -> GPT2ForSequenc
 def check_model_source(name_or_path: str | Path) -> None:
     """A local-looking path that does not exist is a mistake, not a hub name: say so before HF does."""
     text = str(name_or_path)
-    looks_local = text.startswith((".", "/", "~")) or Path(text).exists() or text.count("/") > 1
-    if looks_local and not Path(text).expanduser().exists():
+    path = Path(text)
+    # "org/name" is a hub id unless "org" is a folder here ("models/lm" with models/ beside you: a local path)
+    looks_local = (
+        text.startswith((".", "/", "~")) or path.exists() or text.count("/") > 1
+        or (text.count("/") == 1 and path.parent.is_dir())
+    )  # fmt: skip
+    if looks_local and not path.expanduser().exists():
         raise ModelLoadError(f"model folder {text!r} does not exist")
 
 

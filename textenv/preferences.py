@@ -288,7 +288,7 @@ def sample_completions(
     """
     import torch
 
-    from textenv.models import padding_id
+    from textenv.models import padding_id, seeded_rng
 
     if k < 1:
         raise ValueError("k must be >= 1")
@@ -297,8 +297,7 @@ def sample_completions(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     texts: list[str] = []
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
+        with seeded_rng(seed, lm.device), torch.no_grad():
             for start in tqdm(
                 range(0, len(flat), batch_size), desc="sample", disable=not progress, leave=False
             ):

@@ -28,6 +28,7 @@ from textenv.models import (
     padding_id,
     position_limit,
     save_model_folder,
+    seeded_rng,
     tiny_gpt2_config,
 )
 from textenv.tasks.base import Task
@@ -216,8 +217,7 @@ def pretrain_lm(
     order = np.random.default_rng(seed)
     losses: list[float] = []
     model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, device):
         for _ in tqdm(range(steps), desc="pretrain LM", disable=not progress, leave=False):
             picked = order.integers(0, len(docs), size=batch_size)
             ids, mask, labels = _batch([docs[i] for i in picked], pad_id)

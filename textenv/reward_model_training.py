@@ -37,6 +37,7 @@ from textenv.models import (
     encode_truncating_left,
     position_limit,
     save_model_folder,
+    seeded_rng,
     tiny_gpt2_config,
 )
 from textenv.preferences import PreferenceRecord, expand_to_pairs, ranking_pairs
@@ -146,8 +147,7 @@ def _init_model(
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "score.weight newly initialised" is expected here
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_rng(seed):  # the new score head, on the CPU
             # float32 whatever the folder's dtype (transformers loads a bf16 checkpoint as bf16): AdamW's updates
             # would round away in bf16 weights.
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -244,8 +244,7 @@ def train_reward_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - 0.9 * s / max(1, steps))
     rng = np.random.default_rng([seed, 4])
     model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, model.device):
         for _ in tqdm(range(steps), desc="train RM", disable=not progress, leave=False):
             picked = [groups[i] for i in rng.integers(0, len(groups), size=batch_size)]
             flat = [t for ids, _ in picked for t in ids]

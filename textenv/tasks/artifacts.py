@@ -131,17 +131,21 @@ def build_task_models(
             task, budget.pretrain, seed=seed, out_dir=out_dir / "lm", progress=progress, device=device
         )
         lm_metrics = {"lm_perplexity": lm_result.perplexity, "uniform_perplexity": lm_result.uniform_perplexity}
+        del lm_result  # and its model: stage 2 loads the LM from the folder it was saved in
         lm = out_dir / "lm"
     t_lm = time.perf_counter() - started
-    model, tokenizer = load_causal_lm(lm, device=device), load_tokenizer(lm)
+    tokenizer = load_tokenizer(lm)
     # build.json's "lm": null when stage 1 built it into lm/ beside the file (which may move, as a finished
     # cache build does), else the user's LM as an absolute path (resumable from any folder) or a hub name.
     source = None if lm == out_dir / "lm" else str(Path(lm).resolve()) if Path(lm).exists() else str(lm)
     if not task.learned_reward:
+        model = load_causal_lm(lm, device=device)
         return _write_lm_only_metrics(task, model, tokenizer, budget, seed, out_dir, source, lm_metrics, started, t_lm, progress)
     if records is None:
         prompts = task.prompts(np.random.default_rng([seed, 5]), budget.n_prompts)
+        model = load_causal_lm(lm, device=device)
         completions = sample_completions(model, tokenizer, prompts, budget.k, task.max_new_tokens, seed=seed, progress=progress)
+        del model  # the RM trains next, from the LM's folder: no copy of the LM left beside it and its optimizer
         annotators = SimulatedAnnotators(task, seed=seed, **budget.annotators)
         records = annotators.label(make_samples(prompts, completions, id_prefix=task_name), progress=progress)
     write_records(records, out_dir / "preferences.jsonl")
