@@ -231,8 +231,8 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
 
     # ---- stage 3: PPO against the RM, with the KL penalty to the frozen pretrained LM.
     console.print("[bold]Stage 3[/bold]: PPO" + ("" if device.type == "cpu" else f" on {device}") + (", bf16" if cfg.bf16 else ""))
-    # The policy and the reference load separately, each in its own dtype and straight onto the device (no
-    # float32 copy of a large LM on the host). Trained weights are float32 whatever the folder's dtype
+    # The policy and the reference load separately, each in its own dtype and moved to the device as it loads
+    # (no float32 deep copy: the host holds one of them at a time). Trained weights are float32 whatever the folder's dtype
     # (transformers loads a bf16 checkpoint as bf16, whose weights would round AdamW's updates away); frozen
     # ones, the reference, the RM and a LoRA base under bf16, need no float32 master weights.
     frozen_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
