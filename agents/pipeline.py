@@ -232,9 +232,9 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
     # ---- stage 3: PPO against the RM, with the KL penalty to the frozen pretrained LM.
     console.print("[bold]Stage 3[/bold]: PPO" + ("" if device.type == "cpu" else f" on {device}") + (", bf16" if cfg.bf16 else ""))
     # The policy and the reference load separately, each in its own dtype and moved to the device as it loads
-    # (no float32 deep copy: the host holds one of them at a time). Trained weights are float32 whatever the folder's dtype
-    # (transformers loads a bf16 checkpoint as bf16, whose weights would round AdamW's updates away); frozen
-    # ones, the reference, the RM and a LoRA base under bf16, need no float32 master weights.
+    # (no float32 deep copy: the host holds one of them at a time). Trained weights are float32 whatever the
+    # folder's dtype (transformers loads a bf16 checkpoint as bf16, whose weights would round AdamW's updates
+    # away); frozen ones, the reference, the RM and a LoRA base under bf16, need no float32 master weights.
     frozen_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     tokenizer = load_tokenizer(lm_path)
     lm = load_causal_lm(lm_path, dtype=frozen_dtype if cfg.lora_r > 0 else torch.float32, device=device)
