@@ -235,11 +235,12 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
     # (no float32 deep copy: the host holds one of them at a time). Trained weights are float32 whatever the
     # folder's dtype (transformers loads a bf16 checkpoint as bf16, whose weights would round AdamW's updates
     # away); frozen ones, the reference, the RM and a LoRA base under bf16, need no float32 master weights.
+    # Under LoRA the policy's frozen base *is* the reference's weights: one copy serves both.
     frozen_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     tokenizer = load_tokenizer(lm_path)
-    lm = load_causal_lm(lm_path, dtype=frozen_dtype if cfg.lora_r > 0 else torch.float32, device=device)
-    policy = PolicyWithValueHead(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
     reference = load_causal_lm(lm_path, dtype=frozen_dtype, device=device)
+    lm = reference if cfg.lora_r > 0 else load_causal_lm(lm_path, dtype=torch.float32, device=device)
+    policy = PolicyWithValueHead(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules)
     if rm_path is None:  # programmatic reward: train on the task's own (verifiable) reward
         scorer: RewardFunction = CallableReward(task.gold_reward, name=f"{cfg.task}_reward")
     else:

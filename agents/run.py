@@ -17,13 +17,12 @@ The folder holds what a person wants after a run and what a crash must not lose:
   ``state_dict`` (`agents.pretraining_batches.PretrainingBatches`); ``resume=True`` restores them all, so a
   killed run continues with the same metrics as one that never stopped (on CPU);
 - ``policy/``: the final policy LM and tokenizer via ``save_pretrained``, and ``value_head.safetensors``.
-  A LoRA policy (peft) is saved with its adapters merged in, so the folder loads as a plain LM anywhere, and
-  its adapters alone go to ``policy_adapter/`` (peft's format, for `peft.PeftModel.from_pretrained`).
+  A LoRA policy (peft) is saved with its adapters merged in (on the host: `agents.lora_weights`), so the
+  folder loads as a plain LM anywhere, and its adapters alone go to ``policy_adapter/`` (peft's format, for `peft.PeftModel.from_pretrained`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from agents.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_json_atomic
 from agents.evaluation import EvalResult
+from agents.lora_weights import save_merged_lora
 from agents.plots import plot_metrics
 
 TIMING_KEYS = ("seconds", "rollout_seconds", "update_seconds", "tokens_per_s", "rollout_tokens_per_s")
@@ -164,8 +164,9 @@ class TrainingRun:
         lm = self.agent.policy.lm
         if hasattr(lm, "merge_and_unload"):  # peft (LoRA): the adapters alone, then a plain LM with them merged
             lm.save_pretrained(self.run_dir / "policy_adapter")
-            lm = copy.deepcopy(lm).merge_and_unload()  # a copy: the agent's own model keeps its adapters
-        lm.save_pretrained(out)
+            save_merged_lora(lm, out)  # merged on the host: the agent's own model keeps its adapters
+        else:
+            lm.save_pretrained(out)
         self.agent.env.tokenizer.save_pretrained(out)
         head = self.agent.policy.value_head
         save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(out / "value_head.safetensors"))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from agents.lora_weights import shared_weights_copy
 from textenv.models import position_ids_from_mask
 
 
@@ -78,9 +79,12 @@ def refuse_adapters_on_tied_embeddings(lm: PreTrainedModel, config: Any) -> None
 class PolicyWithValueHead(nn.Module):
     """A causal LM (the policy) plus a zero-initialised value head on its last hidden state.
 
-    :param lm: any Hugging Face causal LM; it is trained in place.
+    :param lm: any Hugging Face causal LM; it is trained in place, unless ``lora_r`` > 0.
     :param lora_r: if > 0, train LoRA adapters of this rank (peft) instead of the LM's weights: the base
-        weights stay frozen, which cuts optimizer memory to the adapters and the value head.
+        weights stay frozen, which cuts optimizer memory to the adapters and the value head. The adapters go
+        on a copy of ``lm``'s module tree that shares its weights (`shared_weights_copy`: nothing is copied),
+        and ``lm`` itself is left as it was, so pass the env's reference as it is
+        (``PolicyWithValueHead(env.reference_model, lora_r=8)``): one copy of the weights serves both.
     :param lora_alpha: LoRA scaling numerator (``alpha / r`` scales the adapter's output).
     :param lora_target_modules: module names to adapt (peft's defaults for known architectures if None).
     """
@@ -93,8 +97,10 @@ class PolicyWithValueHead(nn.Module):
         lora_target_modules: list[str] | None = None,
     ) -> None:
         super().__init__()
-        disable_dropout(lm)
         check_lora_rank(lora_r)
+        if lora_r > 0:
+            lm = shared_weights_copy(lm)  # before anything changes it: the caller's lm may be the env's reference
+        disable_dropout(lm)
         if lora_r > 0:
             from peft import LoraConfig, get_peft_model
             from transformers.pytorch_utils import Conv1D

@@ -38,7 +38,8 @@ if want tests; then
     tests/test_ppo_run.py::test_a_restored_optimizer_keeps_adams_step_on_the_cpu \
     tests/test_pipeline.py::test_main_job_on_a_task_with_a_programmatic_reward \
     tests/test_pipeline.py::test_main_job_from_a_bf16_lm_folder_on_the_test_device \
-    tests/test_determinism_and_vector.py::test_seeded_rng_repeats_its_draws_and_restores_the_callers_stream 2>&1 \
+    tests/test_determinism_and_vector.py::test_seeded_rng_repeats_its_draws_and_restores_the_callers_stream \
+    tests/test_lora_weights.py tests/test_pipeline.py::test_evaluate_command 2>&1 \
     | tee "$out/gpu_tests.txt"
 fi
 gpt2="--shape gpt2 --prompt 64 --device cuda --bf16"

@@ -160,10 +160,17 @@ def test_inactive_rows_report_zero_kl():
     assert info["kl"][1] != 0.0  # the uniform policy against the reference: a nonzero KL where a row is active
 
 
-def test_seeded_rng_repeats_its_draws_and_restores_the_callers_stream():
+def test_seeded_rng_repeats_its_draws_and_restores_the_callers_stream(monkeypatch):
     """`textenv.models.seeded_rng`, which stages 1-2 train and sample under: the same draws each time, on the CPU
-    and on the model's device (``TEXTENV_TEST_DEVICE``: a GPU's own RNG), and the caller's streams untouched."""
+    and on the model's device (``TEXTENV_TEST_DEVICE``: a GPU's own RNG), and the caller's streams untouched.
+    A CPU block seeds no GPU (``torch.manual_seed`` would reseed them all, and ``fork_rng`` restores none)."""
     from textenv.models import seeded_rng
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("a CPU block reseeded every GPU"))
+        patch.setattr(torch.cuda, "manual_seed", lambda seed: pytest.fail("a CPU block seeded a GPU"))
+        with seeded_rng(5):
+            torch.rand(1)
 
     device = torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu"))
     torch.manual_seed(1)

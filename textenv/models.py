@@ -122,7 +122,10 @@ def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
     time, and the caller's random streams go on as if it had not run."""
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # torch.manual_seed would also reseed every GPU, for good
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)  # this GPU's alone: the one fork_rng restores
         yield
 
 

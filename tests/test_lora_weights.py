@@ -1,0 +1,105 @@
+"""LoRA without weight copies: the policy's frozen base is the env's reference's weights, and the merged save
+is built on the host and equals peft's own merge. ``TEXTENV_TEST_DEVICE=cuda`` runs them on a GPU (the GPU
+suite's first call), where the save moves device weights to the host one at a time."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from agents.lora_weights import save_merged_lora, shared_weights_copy
+from agents.ppo import PPOAgent, PPOConfig
+from agents.value_head import PolicyWithValueHead
+from textenv.models import load_causal_lm
+from textenv.toy import make_toy_env
+
+pytest.importorskip("peft")  # an optional extra; the test extra installs it
+DEVICE = torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu"))
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_a_lora_policy_shares_the_references_weights_and_leaves_the_reference_as_it_was():
+    """``PolicyWithValueHead(env.reference_model, lora_r=4)``: every base weight of the policy is the
+    reference's tensor (no copy), the reference gets no adapters and keeps its flags, and after a PPO update
+    that moved the policy, the reference's outputs are bit for bit what they were."""
+    env = make_toy_env(8, autoreset_mode="Disabled", max_new_tokens=4, device=DEVICE)
+    reference = env.reference_model
+    flags = {name: p.requires_grad for name, p in reference.named_parameters()}
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]], device=DEVICE)
+    before = logits(reference, ids)
+
+    policy = PolicyWithValueHead(reference, lora_r=4, lora_target_modules=["c_attn"])
+    storage = {name: p.data_ptr() for name, p in reference.named_parameters()}
+    base = {name.replace(".base_layer", ""): p for name, p in policy.lm.get_base_model().named_parameters() if "lora_" not in name}
+    assert set(base) == set(storage) and all(p.data_ptr() == storage[name] for name, p in base.items())
+    assert not any(p.requires_grad for p in base.values())  # the policy's own flags: its base is frozen
+    assert {name: p.requires_grad for name, p in reference.named_parameters()} == flags
+    assert not any("lora" in name for name, _ in reference.named_modules())
+
+    agent = PPOAgent(policy, env, PPOConfig(learning_rate=1e-2, minibatch_size=8, micro_batch_size=8))
+    assert agent.iteration_step()["approx_kl"] > 0  # the adapters moved the policy
+    assert torch.equal(logits(reference, ids), before)
+    assert not torch.allclose(logits(policy.lm, ids), before, atol=1e-4)
+
+
+def test_shared_weights_copy_keeps_ties_and_its_own_flags():
+    """The copy's parameters are new objects over the same storage: freezing them leaves the original's flags,
+    and weights tied in the original (GPT-2's embedding and LM head) stay tied in the copy."""
+    lm = copy.deepcopy(make_toy_env(2).reference_model).requires_grad_(True)
+    twin = shared_weights_copy(lm).requires_grad_(False)
+    assert all(a.data_ptr() == b.data_ptr() and a is not b for a, b in zip(lm.parameters(), twin.parameters(), strict=True))
+    assert all(p.requires_grad for p in lm.parameters())
+    assert twin.lm_head.weight is twin.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_merged_save_equals_peft_merge_and_leaves_the_policy_as_it_was(tmp_path, dtype):
+    """`save_merged_lora` writes what peft's ``merge_and_unload`` of a copy gives, bit for bit (a bf16 base
+    included: summed in float32, rounded once), with tied weights still tied; the agent's model keeps its
+    adapters, its base weights and its outputs."""
+    lm = copy.deepcopy(make_toy_env(2, device=DEVICE).reference_model).to(dtype)
+    policy = PolicyWithValueHead(lm, lora_r=4, lora_target_modules=["c_attn", "c_fc"])
+    with torch.no_grad():  # peft starts B at zero, which would merge nothing
+        for name, p in policy.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5, generator=torch.Generator(p.device).manual_seed(len(name)))
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]], device=DEVICE)
+    base_before = {k: v.clone() for k, v in lm.state_dict().items()}
+    out_before = logits(policy.lm, ids)
+    expected = copy.deepcopy(policy.lm).merge_and_unload().state_dict()
+
+    save_merged_lora(policy.lm, tmp_path / "policy")
+    saved = load_causal_lm(tmp_path / "policy", dtype=dtype)
+    got = saved.state_dict()
+    assert set(got) == set(expected)
+    changed = {k for k in expected if not torch.equal(expected[k].cpu(), base_before[k].cpu())}
+    assert changed and all("c_attn.weight" in k or "c_fc.weight" in k for k in changed)
+    assert all(torch.equal(got[k], expected[k].cpu()) for k in expected)
+    assert saved.lm_head.weight.data_ptr() == saved.get_input_embeddings().weight.data_ptr()
+    assert all(torch.equal(v, base_before[k]) for k, v in lm.state_dict().items())
+    assert hasattr(policy.lm, "peft_config") and torch.equal(logits(policy.lm, ids), out_before)
+
+
+def test_adapters_it_does_not_merge_itself_go_to_peft(tmp_path):
+    """A variant such as DoRA is left to peft's own merge (of a copy): the folder still equals it."""
+    from peft import LoraConfig, get_peft_model
+
+    lm = copy.deepcopy(make_toy_env(2).reference_model)
+    config = LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True, init_lora_weights=False)
+    peft_lm = get_peft_model(lm, config)
+    with torch.no_grad():  # DoRA starts its magnitudes at the adapted weights' norms, where it merges as LoRA does
+        for name, p in peft_lm.named_parameters():
+            if "magnitude" in name:
+                p.mul_(1.5)
+    expected = copy.deepcopy(peft_lm).merge_and_unload().state_dict()
+    save_merged_lora(peft_lm, tmp_path / "policy")
+    got = load_causal_lm(tmp_path / "policy").state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert hasattr(peft_lm, "peft_config") and "lora_A" in str(peft_lm)
