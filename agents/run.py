@@ -12,7 +12,8 @@ The folder holds what a person wants after a run and what a crash must not lose:
 - ``metrics.jsonl``: one line of statistics per iteration (also written to TensorBoard under ``tb/``);
 - ``plots/``: PNGs of RM score, gold reward, KL and β over iterations;
 - ``eval_before.json`` / ``eval_after.json`` and ``samples_before.jsonl`` / ``samples_after.jsonl``;
-- ``checkpoint-NNNNNN/`` every N iterations (see `agents.checkpoint`): policy + value head, optimizer,
+- ``checkpoint-NNNNNN/`` every N iterations (see `agents.checkpoint`): policy + value head (a LoRA policy's
+  adapters, not its frozen base), optimizer,
   sampling RNG, the env's prompt RNGs and KL controller, and a PPO-ptx batch source's RNG if it has
   ``state_dict`` (`agents.pretraining_batches.PretrainingBatches`); ``resume=True`` restores them all, so a
   killed run continues with the same metrics as one that never stopped (on CPU);

@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_wheels.sh              # here, once: wheels for packages the GPU image lacks
 #   bash benchmarks/gpu_suite.sh               # there, in the repository root (carry .whl)
 #   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo, update,
-#                                              # deferred, ppo_deferred, fused (and the extras profile, components)
+#                                              # deferred, ppo_deferred, fused (and the extras profile, components, lora)
 #
 # Each compiled shape compiles once (tens of seconds on a GPU), so the whole suite can pass a 10-minute
 # limit per command: then run it in several calls, most decisive first: "tests", "deferred fused",
@@ -71,6 +71,9 @@ if want components; then  # not in the default parts: a step's pieces, and dynam
 fi
 if want update; then  # the update micro-batch's peak memory: chunked taken-token log-probs vs the plain log-softmax
   run update_memory python3 benchmarks/update_memory.py $gpt2 --new 128 --batch 64 --repeats 3
+fi
+if want lora; then  # not in the default parts: a LoRA policy's device memory beside its reference (seconds)
+  run lora_memory python3 benchmarks/lora_memory.py --shape gpt2 --bf16 --device cuda
 fi
 if want ppo; then
   run ppo_vs_trl python3 benchmarks/ppo_vs_trl.py $gpt2 --new 128 --batch 64 --iterations 2 --warmup 1 --decoding compiled

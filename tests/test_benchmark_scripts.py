@@ -10,7 +10,7 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from benchmarks import components, ppo_vs_trl, profile_rollout, rollout, scaling, update_memory
+from benchmarks import components, lora_memory, ppo_vs_trl, profile_rollout, rollout, scaling, update_memory
 from benchmarks.common import apply_agent_options, build, random_prompts
 from benchmarks.live_memory import LiveTensorPeak, resident_bytes
 
@@ -47,6 +47,13 @@ def test_scaling_benchmark_reports_every_length():
     assert all(r["ms_per_step"] > 0 and r["uncached_ms_per_step"] > 0 for r in rows)
     rows = scaling.main(["--batch", "2", "--prompt", "4", "--lengths", "4", "--repeats", "1", "--no-uncached"])
     assert rows[0]["ms_per_step"] > 0 and math.isnan(rows[0]["uncached_ms_per_step"])
+
+
+def test_lora_memory_benchmark_finds_one_copy_of_the_weights_and_a_small_checkpoint(capsys):
+    result = lora_memory.main(["--shape", "tiny", "--lora-r", "4"])
+    assert result["shared_weight_bytes"] < 0.55 * result["deepcopy_weight_bytes"]  # the reference's, plus adapters
+    assert result["checkpoint_bytes"] < 0.1 * result["whole_checkpoint_bytes"]
+    assert "ratio shared/deepcopy" in capsys.readouterr().out
 
 
 def run_tiny_textenv_side(decoding: str, cpu_memory: bool, defer_kl: bool = False, warmup: int = 0):

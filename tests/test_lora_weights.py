@@ -103,3 +103,46 @@ def test_adapters_it_does_not_merge_itself_go_to_peft(tmp_path):
     got = load_causal_lm(tmp_path / "policy").state_dict()
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     assert hasattr(peft_lm, "peft_config") and "lora_A" in str(peft_lm)
+
+
+def test_a_lora_checkpoint_holds_what_trains_and_restores_it(tmp_path):
+    """A LoRA agent's checkpoint holds the adapters and the value head, not the frozen base (which comes back
+    from the LM the agent is built on); restored into a fresh agent on the same reference, the policy gives
+    the saved one's outputs. A checkpoint of another policy is refused, naming the weights, before any loads."""
+    from safetensors import safe_open
+
+    from agents import checkpoint
+
+    env = make_toy_env(8, autoreset_mode="Disabled", max_new_tokens=4, device=DEVICE)
+    config = PPOConfig(learning_rate=1e-2, minibatch_size=8, micro_batch_size=8)
+
+    def lora_agent() -> PPOAgent:
+        return PPOAgent(PolicyWithValueHead(env.reference_model, lora_r=4, lora_target_modules=["c_attn"]), env, config)
+
+    trained = lora_agent()
+    trained.iteration_step()
+    path = checkpoint.save_checkpoint(tmp_path / "run", 1, trained.policy, trained.optimizer, {}, {})
+    with safe_open(str(path / "model.safetensors"), "pt") as handle:
+        saved = set(handle.keys())
+    assert saved == {name for name, p in trained.policy.named_parameters() if p.requires_grad}
+    assert saved and all("lora_" in name or name.startswith("value_head") for name in saved)
+
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]], device=DEVICE)
+    mask = torch.ones_like(ids)
+    fresh = lora_agent()
+    assert not torch.equal(fresh.policy(ids, mask)[0], trained.policy(ids, mask)[0])
+    checkpoint.load_checkpoint(path, fresh.policy, fresh.optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.policy(ids, mask), trained.policy(ids, mask), strict=True))
+
+    full = PPOAgent(PolicyWithValueHead(copy.deepcopy(env.reference_model)), env, config)
+    full_path = checkpoint.save_checkpoint(tmp_path / "full", 1, full.policy, full.optimizer, {}, {})
+    with safe_open(str(full_path / "model.safetensors"), "pt") as handle:  # every weight, tied ones once
+        assert len(set(handle.keys())) == len(list(full.policy.parameters()))
+    head = full.policy.value_head.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"has weights the model lacks: \['lm.base_model.model.transformer.h.0.attn"):
+        checkpoint.load_checkpoint(path, full.policy, full.optimizer)
+    assert torch.equal(full.policy.value_head.weight, head)  # the refused load changed nothing
+    wider = PolicyWithValueHead(env.reference_model, lora_r=4, lora_target_modules=["c_attn", "c_fc"])
+    with pytest.raises(ValueError, match=r"lacks weights the model has: \['lm.base_model.model.transformer.h.0.mlp.c_fc"):
+        checkpoint.load_checkpoint(path, wider, torch.optim.Adam(wider.parameters()))
+    checkpoint.load_checkpoint(full_path, full.policy, full.optimizer)  # a full checkpoint loads as before
