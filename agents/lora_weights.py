@@ -44,8 +44,8 @@ def _plain_lora_layers(base: nn.Module) -> dict[str, nn.Module] | None:
     layers = {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
     for layer in layers.values():
         adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-        if (len(adapters) != 1 or layer.merged or getattr(layer, "lora_variant", {}) or any(getattr(layer, "lora_bias", {}).values())
-                or not hasattr(layer.get_base_layer(), "weight")):  # fmt: skip
+        variant = getattr(layer, "lora_variant", {}) or any(getattr(layer, "lora_bias", {}).values())
+        if len(adapters) != 1 or layer.merged or variant or not hasattr(layer.get_base_layer(), "weight"):
             return None
     return layers
 

@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_wheels.sh              # here, once: wheels for packages the GPU image lacks
 #   bash benchmarks/gpu_suite.sh               # there, in the repository root (carry .whl)
 #   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo, update,
-#                                              # deferred, ppo_deferred, fused (and the extras profile, components, lora)
+#                                              # deferred, ppo_deferred, fused (and the extras profile, components, lora, evaluate)
 #
 # Each compiled shape compiles once (tens of seconds on a GPU), so the whole suite can pass a 10-minute
 # limit per command: then run it in several calls, most decisive first: "tests", "deferred fused",
@@ -39,7 +39,7 @@ if want tests; then
     tests/test_pipeline.py::test_main_job_on_a_task_with_a_programmatic_reward \
     tests/test_pipeline.py::test_main_job_from_a_bf16_lm_folder_on_the_test_device \
     tests/test_determinism_and_vector.py::test_seeded_rng_repeats_its_draws_and_restores_the_callers_stream \
-    tests/test_lora_weights.py tests/test_pipeline.py::test_evaluate_command 2>&1 \
+    tests/test_lora_weights.py 2>&1 \
     | tee "$out/gpu_tests.txt"
 fi
 gpt2="--shape gpt2 --prompt 64 --device cuda --bf16"
@@ -71,6 +71,10 @@ if want components; then  # not in the default parts: a step's pieces, and dynam
 fi
 if want update; then  # the update micro-batch's peak memory: chunked taken-token log-probs vs the plain log-softmax
   run update_memory python3 benchmarks/update_memory.py $gpt2 --new 128 --batch 64 --repeats 3
+fi
+if want evaluate; then  # not in the default parts: `textenv evaluate --device cuda` (builds the sentiment task's models first, ~2 min)
+  TEXTENV_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_pipeline.py::test_evaluate_command 2>&1 \
+    | tee "$out/gpu_evaluate.txt"
 fi
 if want lora; then  # not in the default parts: a LoRA policy's device memory beside its reference (seconds)
   run lora_memory python3 benchmarks/lora_memory.py --shape gpt2 --bf16 --device cuda
