@@ -49,6 +49,20 @@ def test_a_lora_policy_shares_the_references_weights_and_leaves_the_reference_as
     assert not torch.allclose(logits(policy.lm, ids), before, atol=1e-4)
 
 
+def test_a_policy_gradient_agent_trains_a_lora_policy_on_the_references_weights():
+    """GRPO (any `PolicyGradientAgent`) takes the same shared-base LoRA policy: it learns, the reference stays."""
+    from agents.grpo import GRPOAgent, GRPOConfig
+
+    env = make_toy_env(8, autoreset_mode="Disabled", max_new_tokens=4, device=DEVICE)
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]], device=DEVICE)
+    before = logits(env.reference_model, ids)
+    policy = PolicyWithValueHead(env.reference_model, lora_r=4, lora_target_modules=["c_attn"])
+    agent = GRPOAgent(policy, env, GRPOConfig(learning_rate=1e-2, samples_per_prompt=4, minibatch_size=8))
+    assert agent.iteration_step()["approx_kl"] > 0
+    assert torch.equal(logits(env.reference_model, ids), before)
+    assert not torch.allclose(logits(policy.lm, ids), before, atol=1e-4)
+
+
 def test_shared_weights_copy_keeps_ties_and_its_own_flags():
     """The copy's parameters are new objects over the same storage: freezing them leaves the original's flags,
     and weights tied in the original (GPT-2's embedding and LM head) stay tied in the copy."""
