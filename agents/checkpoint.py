@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 LATEST = "latest.json"
@@ -86,22 +86,30 @@ def _save_weights(model: nn.Module, path: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in base}, str(path))
 
 
-def _check_weight_names(path: Path, model: nn.Module) -> None:
-    """Raise, naming them, if the checkpoint has weights ``model`` lacks or lacks weights it trains (a LoRA
-    base may be absent; of weights tied to each other, one name is enough)."""
+def _check_weight_names(path: Path, model: nn.Module) -> set[str]:
+    """Raise, naming them, if the checkpoint has weights ``model`` lacks or of another shape, or lacks weights
+    it has (a LoRA base may be absent; of weights tied to each other, one name is enough). Returns the names
+    to load: the file's, less a LoRA base (an older checkpoint's copy of it is not written into the base,
+    whose storage the env's reference shares)."""
+    state = model.state_dict()
     with safe_open(str(path / "model.safetensors"), "pt") as handle:
         saved = set(handle.keys())
-    state = model.state_dict()
-    unexpected = saved - set(state)
-    if unexpected:
-        raise ValueError(f"checkpoint {path} has weights the model lacks: {sorted(unexpected)[:5]}")
-    tied: dict[tuple[Any, ...], set[str]] = {}
+        unexpected = sorted(saved - set(state))
+        if unexpected:
+            raise ValueError(f"checkpoint {path} has weights the model lacks: {unexpected[:5]}")
+        reshaped = sorted(k for k in saved if list(handle.get_slice(k).get_shape()) != list(state[k].shape))
+    if reshaped:
+        shapes = [f"{k}: {list(state[k].shape)}" for k in reshaped[:5]]
+        raise ValueError(f"checkpoint {path} has weights of other shapes than the model's (the model's: {shapes})")
+    tied: dict[Any, set[str]] = {}
     for name, tensor in state.items():
-        tied.setdefault((tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)), set()).add(name)
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype, tuple(tensor.shape))
+        tied.setdefault(key if tensor.numel() else name, set()).add(name)
     base = lora_base_names(model)
     lacking = sorted(min(names) for names in tied.values() if not names & saved and not names <= base)
     if lacking:
         raise ValueError(f"checkpoint {path} lacks weights the model has: {lacking[:5]}")
+    return saved - base
 
 
 def save_checkpoint(
@@ -160,8 +168,9 @@ def load_checkpoint(
     A LoRA base is not in the checkpoint (`lora_base_names`): ``model`` keeps the base it was built on.
     """
     path = Path(path)
-    _check_weight_names(path, model)  # before anything is loaded: a mismatch leaves the model as it was
-    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device), strict=False)
+    names = _check_weight_names(path, model)  # before anything is loaded: a mismatch leaves the model as it was
+    with safe_open(str(path / "model.safetensors"), "pt", device=str(next(model.parameters()).device)) as handle:
+        model.load_state_dict({name: handle.get_tensor(name) for name in names}, strict=False)
     # Loaded on the CPU: `load_state_dict` moves each state to its parameter's device, except Adam's ``step``,
     # which stays where it is given and must be on the CPU (on a GPU, non-capturable Adam reads it back per
     # parameter at every step).

@@ -44,7 +44,8 @@ def _plain_lora_layers(base: nn.Module) -> dict[str, nn.Module] | None:
     layers = {name: module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
     for layer in layers.values():
         adapters = [a for a in layer.active_adapters if a in layer.lora_A]
-        variant = getattr(layer, "lora_variant", {}) or any(getattr(layer, "lora_bias", {}).values())
+        variant = (getattr(layer, "lora_variant", {}) or any(getattr(layer, "lora_bias", {}).values())  # peft >= 0.16
+                   or any(getattr(layer, "use_dora", {}).values()) or len(getattr(layer, "lora_magnitude_vector", ())))  # fmt: skip
         if len(adapters) != 1 or layer.merged or variant or not hasattr(layer.get_base_layer(), "weight"):
             return None
     return layers
@@ -62,10 +63,11 @@ def save_merged_lora(peft_lm: nn.Module, folder: str | Path) -> None:
         copy.deepcopy(peft_lm).merge_and_unload().save_pretrained(folder)
         return
     plain = shared_weights_copy(peft_lm).unload()  # the base's module tree without adapters, sharing its weights
-    on_host: dict[tuple, torch.Tensor] = {}  # one host copy per tensor: a tied matrix is not copied twice
+    on_host: dict[Any, torch.Tensor] = {}  # one host copy per tensor: a tied matrix is not copied twice
     state = {}
     for name, tensor in plain.state_dict().items():
-        key = (tensor.data_ptr(), tensor.shape)
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype, tuple(tensor.shape))
+        key = key if tensor.numel() else name
         if key not in on_host:
             on_host[key] = tensor.detach().to("cpu", copy=True)
         state[name] = on_host[key]

@@ -45,6 +45,7 @@ def test_a_lora_policy_shares_the_references_weights_and_leaves_the_reference_as
 
     agent = PPOAgent(policy, env, PPOConfig(learning_rate=1e-2, minibatch_size=8, micro_batch_size=8))
     assert agent.iteration_step()["approx_kl"] > 0  # the adapters moved the policy
+    assert all(p.data_ptr() == storage[name] for name, p in base.items())  # still shared: nothing recast or moved
     assert torch.equal(logits(reference, ids), before)
     assert not torch.allclose(logits(policy.lm, ids), before, atol=1e-4)
 
@@ -74,7 +75,7 @@ def test_shared_weights_copy_keeps_ties_and_its_own_flags():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_merged_save_equals_peft_merge_and_leaves_the_policy_as_it_was(tmp_path, dtype):
+def test_the_merged_save_equals_peft_merge_and_leaves_the_policy_as_it_was(tmp_path, dtype, monkeypatch):
     """`save_merged_lora` writes what peft's ``merge_and_unload`` of a copy gives, bit for bit (a bf16 base
     included: summed in float32, rounded once), with tied weights still tied; the agent's model keeps its
     adapters, its base weights and its outputs."""
@@ -89,7 +90,15 @@ def test_the_merged_save_equals_peft_merge_and_leaves_the_policy_as_it_was(tmp_p
     out_before = logits(policy.lm, ids)
     expected = copy.deepcopy(policy.lm).merge_and_unload().state_dict()
 
+    from transformers import PreTrainedModel
+
+    handed: list[dict[str, torch.Tensor]] = []  # what save_pretrained is given: host tensors, one per tied matrix
+    save_pretrained = PreTrainedModel.save_pretrained
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained",
+                        lambda self, folder, **kw: (handed.append(dict(kw["state_dict"])), save_pretrained(self, folder, **kw)))  # fmt: skip
     save_merged_lora(policy.lm, tmp_path / "policy")
+    assert all(t.device.type == "cpu" for t in handed[0].values())
+    assert handed[0]["lm_head.weight"] is handed[0]["transformer.wte.weight"]
     saved = load_causal_lm(tmp_path / "policy", dtype=dtype)
     got = saved.state_dict()
     assert set(got) == set(expected)
@@ -160,3 +169,34 @@ def test_a_lora_checkpoint_holds_what_trains_and_restores_it(tmp_path):
     with pytest.raises(ValueError, match=r"lacks weights the model has: \['lm.base_model.model.transformer.h.0.mlp.c_fc"):
         checkpoint.load_checkpoint(path, wider, torch.optim.Adam(wider.parameters()))
     checkpoint.load_checkpoint(full_path, full.policy, full.optimizer)  # a full checkpoint loads as before
+    rank8 = PolicyWithValueHead(env.reference_model, lora_r=8, lora_target_modules=["c_attn"])
+    head = rank8.value_head.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"other shapes than the model's .*lora_A.default.weight: \[8, 32\]"):
+        checkpoint.load_checkpoint(path, rank8, torch.optim.Adam(rank8.parameters()))
+    assert torch.equal(rank8.value_head.weight, head)  # refused before the value head, which fits, was loaded
+
+
+def test_an_older_lora_checkpoint_with_its_base_loads_without_writing_into_the_reference(tmp_path):
+    """Checkpoints from before held the whole LoRA policy, base included. Restoring one loads its adapters
+    and value head and leaves the base, which is the env's reference's storage, alone (even where the saved
+    base differs)."""
+    from safetensors.torch import save_model
+
+    from agents import checkpoint
+
+    env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=2, device=DEVICE)
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]], device=DEVICE)
+    before = logits(env.reference_model, ids)
+    other = PolicyWithValueHead(copy.deepcopy(env.reference_model), lora_r=4, lora_target_modules=["c_attn"])
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            p.add_(0.1) if "value_head" in name or "lora_B" in name or "wte" in name else None
+    optimizer = torch.optim.Adam([p for p in other.parameters() if p.requires_grad])
+    path = checkpoint.save_checkpoint(tmp_path, 1, other, optimizer, {}, {})
+    save_model(other, str(path / "model.safetensors"))  # the old format: every weight, the (changed) base too
+
+    policy = PolicyWithValueHead(env.reference_model, lora_r=4, lora_target_modules=["c_attn"])
+    checkpoint.load_checkpoint(path, policy, torch.optim.Adam([p for p in policy.parameters() if p.requires_grad]))
+    assert torch.equal(logits(env.reference_model, ids), before)
+    trained = {n: p for n, p in other.named_parameters() if p.requires_grad}
+    assert all(torch.equal(p, trained[n]) for n, p in policy.named_parameters() if p.requires_grad)

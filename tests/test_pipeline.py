@@ -193,12 +193,18 @@ def test_main_job_from_a_bf16_lm_folder_on_the_test_device(tmp_path):
         assert torch.cuda.max_memory_allocated(DEVICE) > 2**20
 
 
-def test_main_job_with_lora_saves_the_merged_policy_and_its_adapters(tmp_path):
-    """``lora_r``: PPO trains adapters only; ``ppo/policy/`` is a plain LM with them merged in, equal to the
-    base LM plus the saved ``ppo/policy_adapter/``; a LoRA run resumes from its checkpoint."""
+def test_main_job_with_lora_saves_the_merged_policy_and_its_adapters(tmp_path, monkeypatch):
+    """``lora_r``: PPO trains adapters only, on a base that is the env's reference's weights (the LM is held
+    once); ``ppo/policy/`` is a plain LM with them merged in, equal to the base LM plus the saved
+    ``ppo/policy_adapter/``; a LoRA run resumes from its checkpoint."""
     from peft import PeftModel
 
+    from agents import pipeline
+    from agents.ppo import PPOAgent as pipeline_agent
     from textenv.models import load_causal_lm
+
+    agents = []
+    monkeypatch.setattr(pipeline, "PPOAgent", lambda *a, **kw: agents.append(pipeline_agent(*a, **kw)) or agents[-1])
 
     budget = {"pretrain": {"n_docs": 400, "n_heldout": 50, "steps": 30}}
     ppo = {**TINY["ppo"], "learning_rate": 1e-2}
@@ -206,6 +212,10 @@ def test_main_job_with_lora_saves_the_merged_policy_and_its_adapters(tmp_path):
     cfg = RLHFConfig(task="reverse", run_dir=str(tmp_path / "lora"), lora_r=4, lora_target_modules=["c_attn"], **settings)
     run_rlhf(cfg, progress=False)
     run_rlhf(RLHFConfig(**{**asdict(cfg), "iterations": 2}), resume=True, progress=False)  # from checkpoint 1
+    assert len(agents) == 2
+    for agent in agents:
+        shared = {p.data_ptr() for p in agent.env.reference_model.parameters()}
+        assert all(p.data_ptr() in shared for n, p in agent.policy.lm.named_parameters() if "lora_" not in n)
     root = tmp_path / "lora"
     assert [json.loads(line)["iteration"] for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     base, merged = load_causal_lm(root / "models" / "lm"), load_causal_lm(root / "ppo" / "policy")
