@@ -79,6 +79,7 @@ def lora_base_names(model: nn.Module) -> set[str]:
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
+    """The model's weights, less a LoRA base, to one safetensors file."""
     base = lora_base_names(model)
     if not base:
         save_model(model, str(path))  # every weight (tied ones once)
@@ -86,7 +87,7 @@ def _save_weights(model: nn.Module, path: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in base}, str(path))
 
 
-def _check_weight_names(path: Path, model: nn.Module) -> set[str]:
+def _checked_weight_names(path: Path, model: nn.Module) -> set[str]:
     """Raise, naming them, if the checkpoint has weights ``model`` lacks or of another shape, or lacks weights
     it has (a LoRA base may be absent; of weights tied to each other, one name is enough). Returns the names
     to load: the file's, less a LoRA base (an older checkpoint's copy of it is not written into the base,
@@ -168,7 +169,7 @@ def load_checkpoint(
     A LoRA base is not in the checkpoint (`lora_base_names`): ``model`` keeps the base it was built on.
     """
     path = Path(path)
-    names = _check_weight_names(path, model)  # before anything is loaded: a mismatch leaves the model as it was
+    names = _checked_weight_names(path, model)  # before anything is loaded: a mismatch leaves the model as it was
     with safe_open(str(path / "model.safetensors"), "pt", device=str(next(model.parameters()).device)) as handle:
         model.load_state_dict({name: handle.get_tensor(name) for name in names}, strict=False)
     # Loaded on the CPU: `load_state_dict` moves each state to its parameter's device, except Adam's ``step``,

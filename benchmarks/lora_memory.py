@@ -39,6 +39,7 @@ def weight_bytes(*models: nn.Module) -> int:
 
 
 def allocated(device: str) -> int:
+    """CUDA memory allocated now (0 on the CPU, where the weight bytes above are the measure)."""
     return torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
 
 

@@ -188,9 +188,10 @@ def test_an_older_lora_checkpoint_with_its_base_loads_without_writing_into_the_r
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]], device=DEVICE)
     before = logits(env.reference_model, ids)
     other = PolicyWithValueHead(copy.deepcopy(env.reference_model), lora_r=4, lora_target_modules=["c_attn"])
-    with torch.no_grad():
+    with torch.no_grad():  # trained adapters and head, and a base unlike the reference's
         for name, p in other.named_parameters():
-            p.add_(0.1) if "value_head" in name or "lora_B" in name or "wte" in name else None
+            if "value_head" in name or "lora_B" in name or "wte" in name:
+                p.add_(0.1)
     optimizer = torch.optim.Adam([p for p in other.parameters() if p.requires_grad])
     path = checkpoint.save_checkpoint(tmp_path, 1, other, optimizer, {}, {})
     save_model(other, str(path / "model.safetensors"))  # the old format: every weight, the (changed) base too
