@@ -68,6 +68,14 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def tensor_identity(name: str, tensor: torch.Tensor) -> Any:
+    """A key equal for two state-dict entries exactly when they are one tensor (tied weights): the same storage,
+    offset, dtype and shape. Empty tensors, which all share address 0, keep their own name as key."""
+    if not tensor.numel():
+        return name
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype, tuple(tensor.shape)
+
+
 def lora_base_names(model: nn.Module) -> set[str]:
     """Names (in ``model.state_dict()``) of the frozen base weights of any peft model inside ``model``.
 
@@ -104,8 +112,7 @@ def _checked_weight_names(path: Path, model: nn.Module) -> set[str]:
         raise ValueError(f"checkpoint {path} has weights of other shapes than the model's (the model's: {shapes})")
     tied: dict[Any, set[str]] = {}
     for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype, tuple(tensor.shape))
-        tied.setdefault(key if tensor.numel() else name, set()).add(name)
+        tied.setdefault(tensor_identity(name, tensor), set()).add(name)
     base = lora_base_names(model)
     lacking = sorted(min(names) for names in tied.values() if not names & saved and not names <= base)
     if lacking:

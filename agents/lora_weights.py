@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from agents.checkpoint import tensor_identity
+
 
 def shared_weights_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s module tree whose parameters hold ``model``'s own weight tensors (no weight is copied).
@@ -66,8 +68,7 @@ def save_merged_lora(peft_lm: nn.Module, folder: str | Path) -> None:
     on_host: dict[Any, torch.Tensor] = {}  # one host copy per tensor: a tied matrix is not copied twice
     state = {}
     for name, tensor in plain.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.dtype, tuple(tensor.shape))
-        key = key if tensor.numel() else name
+        key = tensor_identity(name, tensor)
         if key not in on_host:
             on_host[key] = tensor.detach().to("cpu", copy=True)
         state[name] = on_host[key]

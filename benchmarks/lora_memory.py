@@ -4,7 +4,7 @@ Under LoRA the policy's base is frozen, so it can be the env's reference's own w
 (`agents.lora_weights.shared_weights_copy`), and a checkpoint can leave it out (`agents.checkpoint`). This
 script builds one shape's reference (random weights) and, in the same process, a LoRA policy on a
 ``copy.deepcopy`` of it (the way before) and one on the reference itself (now). It prints, for each, the
-bytes of weights the reference and the policy hold together (distinct storages) and, on CUDA, the device
+bytes of weights (and buffers) the reference and the policy hold together (each storage once) and, on CUDA, the device
 memory allocated for them; then the size of a checkpoint's weights file (the whole policy, as before, and
 the adapters and value head, now); and the ratios.
 
@@ -23,19 +23,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_model
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from agents.checkpoint import save_checkpoint  # noqa: E402
 from agents.value_head import PolicyWithValueHead  # noqa: E402
 from benchmarks.common import benchmark_parser, build, parse_benchmark_args  # noqa: E402
-
-
-def weight_bytes(*models: nn.Module) -> int:
-    """Bytes of the distinct weight storages the models hold between them."""
-    sizes = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for m in models for p in m.parameters()}
-    return sum(sizes.values())
+from benchmarks.live_memory import resident_bytes  # noqa: E402
 
 
 def allocated(device: str) -> int:
@@ -58,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             before = allocated(args.device)
             policy = PolicyWithValueHead(source(), lora_r=args.lora_r, lora_target_modules=targets)
             result[f"{side}_device_bytes"] = allocated(args.device) - before
-            result[f"{side}_weight_bytes"] = weight_bytes(reference, policy)
+            result[f"{side}_weight_bytes"] = resident_bytes(reference, policy)
             if side == "shared":
                 optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad])
                 path = save_checkpoint(folder, 1, policy, optimizer, {}, {}) / "model.safetensors"
