@@ -23,12 +23,19 @@ Sampling is timed from the policy's logits too, as a `PolicyLink` samples: the s
 log-softmax and the inverse-CDF draw eagerly, and the same in one compiled call (`textenv.fused_sampling`,
 the default of a ``compiled`` link on CUDA).
 
+The LM head (the last hidden states times the ``V × H`` output embedding) is timed on its own, at a decode
+step's rows (the batch) and at the update's (the batch × (new + 1) positions PPO's forward keeps logits
+for), and again with the embedding padded by zero rows to a multiple of 64. On an H100 the head ran a
+pre-Hopper kernel at GPT-2's vocabulary (50,257, not a multiple of 8), which may keep cuBLAS off its
+Hopper kernels; the two rows tell whether padding the vocabulary would pay before anything pads it.
+
     python benchmarks/components.py --shape small --batch 64 --threads 1
     python benchmarks/components.py --shape gpt2 --prompt 64 --new 128 --batch 256 --device cuda --bf16
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -60,6 +67,30 @@ def compiled_without_module_guards(model: torch.nn.Module) -> StaticIncrementalL
     assert isinstance(decoder, StaticIncrementalLM)
     decoder._decode = decoder._compiled_decode(guard_filter_fn=skip)
     return decoder
+
+
+def padded_rows(weight: torch.Tensor, multiple: int = 64) -> torch.Tensor:
+    """``weight`` (``V × H``) with zero rows appended up to a multiple of ``multiple`` rows (a copy)."""
+    pad = -weight.shape[0] % multiple
+    return torch.cat([weight, weight.new_zeros(pad, weight.shape[1])]) if pad else weight.clone()
+
+
+def lm_head_timings(model: torch.nn.Module, rows: dict[str, int], device: str, repeats: int) -> dict[str, float]:
+    """Seconds of the LM head's matmul at each row count, with the vocabulary as it is and padded to 64."""
+    weight = model.get_output_embeddings().weight.detach()
+    padded = padded_rows(weight)
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for label, n in rows.items():
+            hidden = torch.randn(n, weight.shape[1], device=weight.device, dtype=weight.dtype)
+            heads = {"as is": functools.partial(torch.nn.functional.linear, hidden, weight),
+                     "padded": functools.partial(torch.nn.functional.linear, hidden, padded)}  # fmt: skip
+            for head in heads.values():
+                head()  # warm-up (cuBLAS picks its kernel)
+            both = timed_alternating(heads, device, repeats)
+            out[f"LM head, {label}, V {weight.shape[0]}"] = both["as is"][0]
+            out[f"LM head, {label}, V {padded.shape[0]} (padded)"] = both["padded"][0]
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -118,10 +149,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )[0],  # fmt: skip
         "reward model, per step": timed(lambda: scorer(prompts, completions), args.device, args.repeats)[0]
         / args.new,
+        **lm_head_timings(models["policy"], {f"decode step {B} rows": B, f"update {B * (args.new + 1)} rows":
+                                             B * (args.new + 1)}, args.device, args.repeats),  # fmt: skip
     }
     print(f"shape={args.shape} batch={B} prompt={args.prompt} new={args.new} device={args.device} bf16={args.bf16}")
     for name, seconds in ms.items():
-        print(f"{name:<42}: {1000 * seconds:8.2f} ms")
+        print(f"{name:<44}: {1000 * seconds:8.2f} ms")
     hf = ms["decode forward"] + ms["HF sampling (softmax + multinomial)"]
     ours = 2 * ms["decode forward"] + ms["textenv sampling (inverse CDF)"] + ms["reward model, per step"]
     print(f"per step, HF generate ~ {1000 * hf:.1f} ms; textenv ~ {1000 * ours:.1f} ms + KL and bookkeeping")

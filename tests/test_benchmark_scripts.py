@@ -108,12 +108,20 @@ def test_ppo_benchmark_measures_cpu_memory_on_request():
 def test_components_benchmark_times_each_part(monkeypatch):
     argv = ["--shape", "tiny", "--batch", "4", "--prompt", "4", "--new", "6", "--repeats", "1"]
     ms = components.main(argv)
-    assert len(ms) == 10 and all(v > 0 for v in ms.values())
+    assert len(ms) == 14 and all(v > 0 for v in ms.values())
     assert "  the same, attending to the whole buffer" in ms and "  the same, fused (one compiled call)" in ms
+    assert "LM head, update 28 rows, V 1024 (padded)" in ms  # tiny's vocabulary of 1,000, padded to 64
     monkeypatch.setattr(components, "can_skip_guards", lambda: False)  # a torch older than 2.7
     monkeypatch.setattr(components, "compiled_without_module_guards", lambda model: None)  # older than 2.8
     ms = components.main(argv)
-    assert len(ms) == 8 and "  the same, guards checked once per batch" not in ms
+    assert len(ms) == 12 and "  the same, guards checked once per batch" not in ms
+
+
+def test_padded_lm_head_has_the_vocabulary_rows_first():
+    weight = torch.randn(1000, 8)
+    padded = components.padded_rows(weight)
+    assert padded.shape == (1024, 8) and torch.equal(padded[:1000], weight) and not padded[1000:].any()
+    assert components.padded_rows(padded).shape == (1024, 8)  # already a multiple: no more rows
 
 
 def test_profile_benchmark_reports_the_rollouts_operators(capsys):
