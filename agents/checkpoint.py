@@ -9,6 +9,7 @@ else to JSON, so loading a checkpoint cannot execute code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,8 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 LATEST = "latest.json"
+BASE_FINGERPRINT = "textenv_lora_base_fingerprint"
+"""The metadata key of a LoRA checkpoint's weights file under which `lora_base_fingerprint` is stored."""
 
 
 def fsync_path(path: Path) -> None:
@@ -86,23 +89,52 @@ def lora_base_names(model: nn.Module) -> set[str]:
     return {name for name, p in model.named_parameters(remove_duplicate=False) if id(p) in frozen}
 
 
+def lora_base_fingerprint(model: nn.Module, base: set[str], samples: int = 256) -> str:
+    """A digest of a LoRA base's weights: each one's name, shape and ``samples`` evenly spaced values.
+
+    A LoRA checkpoint leaves its base out (`lora_base_names`), so without this nothing would notice adapters
+    restored onto another LM of the same architecture (a different fine-tune, another size's sibling with the
+    same shapes): training would go on, on the wrong base, without a word. Sampling keeps the cost to one small
+    copy per weight even for a 7B model; a different base differs at essentially every element. Values are
+    hashed as float32, so a bf16 base held as float32 still matches, while the same weights rounded to bf16 do
+    not (a different function)."""
+    state = model.state_dict()
+    digest = hashlib.sha256()
+    seen: set[Any] = set()
+    for name in sorted(base):
+        tensor = state[name].detach()
+        if (key := tensor_identity(name, tensor)) in seen:  # a tied weight: hashed once, under its first name
+            continue
+        seen.add(key)
+        flat = tensor.reshape(-1)
+        index = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel()), device=flat.device).long()
+        values = flat[index].float().cpu().contiguous()
+        digest.update(f"{name}{list(tensor.shape)};".encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _save_weights(model: nn.Module, path: Path) -> None:
-    """The model's weights, less a LoRA base, to one safetensors file."""
+    """The model's weights, less a LoRA base (whose fingerprint goes in the file's metadata), to one
+    safetensors file."""
     base = lora_base_names(model)
     if not base:
         save_model(model, str(path))  # every weight (tied ones once)
         return
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in base}, str(path))
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in base}, str(path),
+              metadata={"format": "pt", BASE_FINGERPRINT: lora_base_fingerprint(model, base)})  # fmt: skip
 
 
 def _checked_weight_names(path: Path, model: nn.Module) -> set[str]:
     """Raise, naming them, if the checkpoint has weights ``model`` lacks or of another shape, or lacks weights
-    it has (a LoRA base may be absent; of weights tied to each other, one name is enough). Returns the names
-    to load: the file's, less a LoRA base (an older checkpoint's copy of it is not written into the base,
-    whose storage the env's reference shares)."""
+    it has (a LoRA base may be absent; of weights tied to each other, one name is enough), or if it holds
+    adapters trained on another LoRA base than ``model``'s. Returns the names to load: the file's, less a
+    LoRA base (an older checkpoint's copy of it is not written into the base, whose storage the env's
+    reference shares; older checkpoints have no fingerprint to compare)."""
     state = model.state_dict()
     with safe_open(str(path / "model.safetensors"), "pt") as handle:
         saved = set(handle.keys())
+        saved_base = (handle.metadata() or {}).get(BASE_FINGERPRINT)
         unexpected = sorted(saved - set(state))
         if unexpected:
             raise ValueError(f"checkpoint {path} has weights the model lacks: {unexpected[:5]}")
@@ -117,6 +149,12 @@ def _checked_weight_names(path: Path, model: nn.Module) -> set[str]:
     lacking = sorted(min(names) for names in tied.values() if not names & saved and not names <= base)
     if lacking:
         raise ValueError(f"checkpoint {path} lacks weights the model has: {lacking[:5]}")
+    if saved_base is not None and base and saved_base != lora_base_fingerprint(model, base):
+        raise ValueError(
+            f"checkpoint {path} holds LoRA adapters trained on another base LM than the model's (its frozen "
+            "weights differ: another LM, or the same one rounded to another dtype); build the agent on the LM the run "
+            "was started with"
+        )
     return saved - base
 
 

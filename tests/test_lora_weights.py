@@ -131,7 +131,8 @@ def test_adapters_it_does_not_merge_itself_go_to_peft(tmp_path):
 def test_a_lora_checkpoint_holds_what_trains_and_restores_it(tmp_path):
     """A LoRA agent's checkpoint holds the adapters and the value head, not the frozen base (which comes back
     from the LM the agent is built on); restored into a fresh agent on the same reference, the policy gives
-    the saved one's outputs. A checkpoint of another policy is refused, naming the weights, before any loads."""
+    the saved one's outputs. A checkpoint of another policy, or of adapters on another base, is refused,
+    naming the weights or the base, before anything loads."""
     from safetensors import safe_open
 
     from agents import checkpoint
@@ -174,6 +175,14 @@ def test_a_lora_checkpoint_holds_what_trains_and_restores_it(tmp_path):
     with pytest.raises(ValueError, match=r"other shapes than the model's .*lora_A.default.weight: \[8, 32\]"):
         checkpoint.load_checkpoint(path, rank8, torch.optim.Adam(rank8.parameters()))
     assert torch.equal(rank8.value_head.weight, head)  # refused before the value head, which fits, was loaded
+    tuned = copy.deepcopy(env.reference_model)  # another LM of the same shapes: one weight 1% off
+    with torch.no_grad():
+        tuned.transformer.h[1].mlp.c_proj.weight.mul_(1.01)
+    elsewhere = PolicyWithValueHead(tuned, lora_r=4, lora_target_modules=["c_attn"])
+    head = elsewhere.value_head.weight.detach().clone()
+    with pytest.raises(ValueError, match="LoRA adapters trained on another base LM than the model's"):
+        checkpoint.load_checkpoint(path, elsewhere, torch.optim.Adam(elsewhere.parameters()))
+    assert torch.equal(elsewhere.value_head.weight, head)
 
 
 def test_an_older_lora_checkpoint_with_its_base_loads_without_writing_into_the_reference(tmp_path):
@@ -201,3 +210,22 @@ def test_an_older_lora_checkpoint_with_its_base_loads_without_writing_into_the_r
     assert torch.equal(logits(env.reference_model, ids), before)
     trained = {n: p for n, p in other.named_parameters() if p.requires_grad}
     assert all(torch.equal(p, trained[n]) for n, p in policy.named_parameters() if p.requires_grad)
+
+
+def test_the_base_fingerprint_follows_the_weights_values_not_their_storage_dtype():
+    """bf16 weights held as float32 are the same function and fingerprint alike; float32 weights rounded to bf16
+    are not. A tied weight counts once, and a change to any weight changes the digest."""
+    from agents.checkpoint import lora_base_fingerprint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 50, bias=False))
+    model[1].weight = model[0].weight  # tied, as GPT-2's head and embedding
+    names = set(model.state_dict())
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert lora_base_fingerprint(bf16, names) == lora_base_fingerprint(copy.deepcopy(bf16).float(), names)
+    assert lora_base_fingerprint(model, names) != lora_base_fingerprint(bf16, names)
+    assert lora_base_fingerprint(model, names) == lora_base_fingerprint(model, {"0.weight"})  # tied: hashed once
+    before = lora_base_fingerprint(model, names)
+    with torch.no_grad():
+        model[0].weight[-1, -1] += 1e-3  # the last element, which the evenly spaced samples include
+    assert lora_base_fingerprint(model, names) != before
