@@ -93,8 +93,8 @@ def lora_base_fingerprint(model: nn.Module, base: set[str], samples: int = 256) 
     """A digest of a LoRA base's weights: each one's name, shape and ``samples`` evenly spaced values.
 
     A LoRA checkpoint leaves its base out (`lora_base_names`), so without this nothing would notice adapters
-    restored onto another LM of the same architecture (a different fine-tune, another size's sibling with the
-    same shapes): training would go on, on the wrong base, without a word. Sampling keeps the cost to one small
+    restored onto another LM of the same shapes (another fine-tune of the same model, say): training would go
+    on, on the wrong base, without a word. Sampling keeps the cost to one small
     copy per weight even for a 7B model; a different base differs at essentially every element. Values are
     hashed as float32, so a bf16 base held as float32 still matches, while the same weights rounded to bf16 do
     not (a different function)."""
@@ -107,7 +107,8 @@ def lora_base_fingerprint(model: nn.Module, base: set[str], samples: int = 256) 
             continue
         seen.add(key)
         flat = tensor.reshape(-1)
-        index = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel()), device=flat.device).long()
+        count = min(samples, flat.numel())  # integer steps: a float index rounds past the end of a long tensor
+        index = torch.arange(count, device=flat.device) * max(flat.numel() - 1, 0) // max(count - 1, 1)
         values = flat[index].float().cpu().contiguous()
         digest.update(f"{name}{list(tensor.shape)};".encode())
         digest.update(values.numpy().tobytes())
@@ -152,8 +153,8 @@ def _checked_weight_names(path: Path, model: nn.Module) -> set[str]:
     if saved_base is not None and base and saved_base != lora_base_fingerprint(model, base):
         raise ValueError(
             f"checkpoint {path} holds LoRA adapters trained on another base LM than the model's (its frozen "
-            "weights differ: another LM, or the same one rounded to another dtype); build the agent on the LM the run "
-            "was started with"
+            "weights differ: another LM, or the same one rounded to another dtype); build the agent on the LM "
+            "the run was started with"
         )
     return saved - base
 
