@@ -229,3 +229,15 @@ def test_the_base_fingerprint_follows_the_weights_values_not_their_storage_dtype
     with torch.no_grad():
         model[0].weight[-1, -1] += 1e-3  # the last element, which the evenly spaced samples include
     assert lora_base_fingerprint(model, names) != before
+
+
+def test_the_base_fingerprint_samples_inside_a_weight_of_more_than_2_24_elements():
+    """Float32 sample positions round past the end of a weight this long (33,558,528 elements); integer ones reach
+    its last element exactly."""
+    from agents.checkpoint import lora_base_fingerprint
+
+    model = torch.nn.Linear(2**13, 2**12 + 1, bias=False)
+    before = lora_base_fingerprint(model, {"weight"})
+    with torch.no_grad():
+        model.weight[-1, -1] += 1.0
+    assert lora_base_fingerprint(model, {"weight"}) != before
