@@ -94,10 +94,9 @@ def lora_base_fingerprint(model: nn.Module, base: set[str], samples: int = 256) 
 
     A LoRA checkpoint leaves its base out (`lora_base_names`), so without this nothing would notice adapters
     restored onto another LM of the same shapes (another fine-tune of the same model, say): training would go
-    on, on the wrong base, without a word. Sampling keeps the cost to one small
-    copy per weight even for a 7B model; a different base differs at essentially every element. Values are
-    hashed as float32, so a bf16 base held as float32 still matches, while the same weights rounded to bf16 do
-    not (a different function)."""
+    on, on the wrong base, without a word. Sampling keeps the cost to one small copy per weight even for a 7B
+    model; a different base differs at essentially every element. Values are hashed as float32, so a bf16 base
+    held as float32 still matches, while the same weights rounded to bf16 do not (a different function)."""
     state = model.state_dict()
     digest = hashlib.sha256()
     seen: set[Any] = set()
