@@ -1,0 +1,141 @@
+"""PPO's rollouts under bf16 autocast run on bf16 copies of the policy's matmul weights (`AutocastWeightCopy`),
+refreshed once per batch. The copy must give the autocast outputs bit for bit (every decoding, a tied LM head,
+LoRA adapters), follow the weights after each update, hold nothing where autocast converts nothing, and refuse a
+model that runs a matmul outside autocast. Two PPO agents, with the copy and without it, must then train alike.
+
+The tests run on the CPU under CPU autocast. ``TEXTENV_TEST_DEVICE=cuda`` runs them on a GPU under CUDA autocast,
+with ``compiled`` decoding as CUDA graphs (benchmarks/gpu_suite.sh does).
+"""
+
+import functools
+import os
+from contextlib import nullcontext
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+from transformers.modeling_outputs import CausalLMOutput
+
+import agents.ppo
+from agents.autocast_weight_copy import AutocastWeightCopy
+from agents.ppo import PPOAgent, PPOConfig
+from agents.value_head import PolicyWithValueHead
+from textenv.models import build_tiny_causal_lm, tiny_gpt2_config
+from textenv.static_decoding import make_decoder
+from textenv.toy import make_toy_env, toy_components
+
+DEVICE = torch.device(os.environ.get("TEXTENV_TEST_DEVICE", "cpu"))
+bf16_autocast = functools.partial(torch.autocast, DEVICE.type, dtype=torch.bfloat16)
+
+
+def tiny_lm(seed: int = 0) -> GPT2LMHeadModel:
+    config = tiny_gpt2_config(61, n_positions=64, n_embd=32, n_layer=2, n_head=2)  # GPT-2 ties its LM head
+    return build_tiny_causal_lm(config, seed=seed).to(DEVICE).eval()
+
+
+def decoded_logits(model, decoding: str, steps: int = 6) -> torch.Tensor:
+    """Logits of a prefill and ``steps`` decode steps, each forward in its own autocast block as a link runs it."""
+    decoder = make_decoder(model, decoding, output_hidden_states=True)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 61, (n,), generator=g) for n in (5, 3, 7)]
+    outputs = []
+    with torch.no_grad():
+        with bf16_autocast():
+            out = decoder.start(prompts, reserve=steps + 1)
+        outputs.append(torch.cat([out.logits.float(), out.hidden.float()], -1))
+        for _ in range(steps):
+            with bf16_autocast():
+                out = decoder.step(torch.randint(3, 61, (3,), generator=g).to(DEVICE))
+            outputs.append(torch.cat([out.logits.float(), out.hidden.float()], -1))
+    return torch.stack(outputs)
+
+
+@pytest.mark.parametrize("decoding", ["dynamic", "static", "compiled"])
+def test_the_copy_gives_the_autocast_outputs_bit_for_bit(decoding):
+    model = tiny_lm()
+    copy = AutocastWeightCopy(model, bf16_autocast)
+    assert copy.active and copy.module is not model
+    assert torch.equal(decoded_logits(copy.module, decoding), decoded_logits(model, decoding))
+    # Held: the matmul layers' weights and biases in bf16 (the tied LM head too). Shared: everything else.
+    copied, own = copy.module.transformer, model.transformer
+    assert copied.h[0].attn.c_attn.weight.dtype == copied.h[0].mlp.c_proj.bias.dtype == torch.bfloat16
+    assert copy.module.lm_head.weight.dtype == torch.bfloat16
+    assert copied.wte.weight is own.wte.weight and copied.ln_f.weight is own.ln_f.weight
+    assert model.lm_head.weight is own.wte.weight and own.wte.weight.dtype == torch.float32  # the model is untouched
+    assert not copy.module.training and all(not held.requires_grad for held, _ in copy._pairs)
+    assert all(p.requires_grad for p in model.parameters())  # sharing froze nothing of the model's
+
+
+def test_refresh_brings_the_copy_up_to_date_with_the_weights():
+    model = tiny_lm()
+    copy = AutocastWeightCopy(model, bf16_autocast)
+    with torch.no_grad():  # an optimizer step, in place
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert not torch.equal(decoded_logits(copy.module, "static"), decoded_logits(model, "static"))
+    copy.refresh()
+    assert torch.equal(decoded_logits(copy.module, "static"), decoded_logits(model, "static"))
+
+
+def test_a_lora_policys_copy_gives_the_autocast_outputs_too():
+    policy = PolicyWithValueHead(tiny_lm(), lora_r=4)
+    with torch.no_grad():  # trained adapters (peft starts B at zero, which would hide them)
+        for name, p in policy.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    copy = AutocastWeightCopy(policy.lm, bf16_autocast)
+    assert copy.active
+    assert {source.dtype for _, source in copy._pairs} == {torch.float32}
+    assert torch.equal(decoded_logits(copy.module, "static"), decoded_logits(policy.lm, "static"))
+
+
+def test_no_copy_without_autocast_or_without_a_weight_to_convert():
+    model = tiny_lm()
+    for autocast, lm in ((nullcontext, model), (bf16_autocast, tiny_lm().to(torch.bfloat16))):
+        copy = AutocastWeightCopy(lm, autocast)
+        assert copy.module is lm and not copy.active
+        copy.refresh()  # nothing to do, and no error
+
+
+class HeadOutsideAutocast(GPT2LMHeadModel):
+    """A model whose LM head runs outside autocast (as a float32 router would): its copy cannot match it."""
+
+    cast_to_weight = True
+
+    def forward(self, input_ids=None, **kwargs):
+        hidden = self.transformer(input_ids=input_ids).last_hidden_state
+        with torch.autocast(DEVICE.type, enabled=False):
+            dtype = self.lm_head.weight.dtype if self.cast_to_weight else torch.float32
+            return CausalLMOutput(logits=self.lm_head(hidden.to(dtype)))
+
+
+@pytest.mark.parametrize("cast_to_weight", [True, False], ids=["other logits", "a dtype error"])
+def test_a_model_with_a_matmul_outside_autocast_keeps_its_own_weights(cast_to_weight):
+    model = HeadOutsideAutocast(tiny_lm().config).to(DEVICE).eval()
+    model.cast_to_weight = cast_to_weight
+    with pytest.warns(UserWarning, match="outside autocast"):
+        copy = AutocastWeightCopy(model, bf16_autocast)
+    assert copy.module is model and not copy.active
+    assert model.lm_head.weight.dtype == torch.float32
+
+
+def test_ppo_trains_alike_with_and_without_the_copy(monkeypatch):
+    """Two agents under bf16 autocast (the CPU's, where PPO's own is CUDA's), with the rollout copy and without:
+    the same tokens, log-probs, values and rewards in every batch, so the copy follows each update."""
+    monkeypatch.setattr(agents.ppo, "cuda_bf16_autocast", lambda bf16, device_type: bf16_autocast() if bf16 else nullcontext())
+    runs = []
+    for copy in (True, False):
+        env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=6, decoding="static", device=DEVICE)
+        config = PPOConfig(bf16=True, rollout_weight_copy=copy, decoding="static", minibatch_size=4, micro_batch_size=2,
+                           learning_rate=1e-3, seed=1)  # fmt: skip
+        agent = PPOAgent(PolicyWithValueHead(toy_components(seed=3)["model"].to(DEVICE)), env, config)
+        assert agent.rollout_weights.active == copy
+        batches = []
+        for _ in range(3):
+            batches.append(agent.rollout())
+            agent.update(batches[-1])
+        runs.append(batches)
+    for with_copy, without in zip(*runs, strict=True):
+        for name in ("actions", "logprobs", "values", "rewards"):
+            assert torch.equal(getattr(with_copy, name), getattr(without, name)), name
+    assert not torch.equal(runs[0][0].logprobs, runs[0][-1].logprobs)  # the updates moved the policy
