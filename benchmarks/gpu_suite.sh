@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_wheels.sh              # here, once: wheels for packages the GPU image lacks
 #   bash benchmarks/gpu_suite.sh               # there, in the repository root (carry .whl)
 #   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo, update,
-#                                              # deferred, ppo_deferred, fused (and the extras profile, components, lora, evaluate)
+#                                              # deferred, ppo_deferred, fused (and the extras profile, components, lora, evaluate,
+#                                              # weight_copy)
 #
 # Each compiled shape compiles once (tens of seconds on a GPU), so the whole suite can pass a 10-minute
 # limit per command: then run it in several calls, most decisive first: "tests", "deferred fused",
@@ -39,7 +40,7 @@ if want tests; then
     tests/test_pipeline.py::test_main_job_on_a_task_with_a_programmatic_reward \
     tests/test_pipeline.py::test_main_job_from_a_bf16_lm_folder_on_the_test_device \
     tests/test_determinism_and_vector.py::test_seeded_rng_repeats_its_draws_and_restores_the_callers_stream \
-    tests/test_lora_weights.py 2>&1 \
+    tests/test_lora_weights.py tests/test_autocast_weight_copy.py 2>&1 \
     | tee "$out/gpu_tests.txt"
 fi
 gpt2="--shape gpt2 --prompt 64 --device cuda --bf16"
@@ -67,6 +68,13 @@ fi
 if want components; then  # not in the default parts: a step's pieces, and dynamo's guard check per compiled call
   for batch in 64 256; do
     run components python3 benchmarks/components.py $gpt2 --new 128 --batch $batch
+  done
+fi
+if want weight_copy; then  # not in the default parts: PPO's bf16 rollout step, its float32 weights converted at
+  # every forward (autocast) vs held in bf16 per batch (agents.autocast_weight_copy, PPO's default)
+  for batch in 64 256; do
+    run autocast_weights python3 benchmarks/autocast_weights.py --shape gpt2 --prompt 64 --device cuda --new 128 \
+      --batch $batch --decoding compiled
   done
 fi
 if want update; then  # the update micro-batch's peak memory: chunked taken-token log-probs vs the plain log-softmax

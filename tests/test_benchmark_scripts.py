@@ -10,7 +10,16 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from benchmarks import components, lora_memory, ppo_vs_trl, profile_rollout, rollout, scaling, update_memory
+from benchmarks import (
+    autocast_weights,
+    components,
+    lora_memory,
+    ppo_vs_trl,
+    profile_rollout,
+    rollout,
+    scaling,
+    update_memory,
+)
 from benchmarks.common import apply_agent_options, build, random_prompts
 from benchmarks.live_memory import LiveTensorPeak, resident_bytes
 
@@ -115,6 +124,14 @@ def test_components_benchmark_times_each_part(monkeypatch):
     monkeypatch.setattr(components, "compiled_without_module_guards", lambda model: None)  # older than 2.8
     ms = components.main(argv)
     assert len(ms) == 12 and "  the same, guards checked once per batch" not in ms
+
+
+def test_autocast_weights_benchmark_compares_the_two_rollout_steps(capsys):
+    ms = autocast_weights.main(["--shape", "tiny", "--batch", "2", "--prompt", "4", "--new", "4", "--repeats", "1",
+                                "--decoding", "static"])  # fmt: skip
+    assert set(ms) == {"converted per forward", "bf16 copy", "refresh (once per batch)", "ratio"}
+    assert all(math.isfinite(v) and v > 0 for v in ms.values())
+    assert "same logits bit for bit: True" in capsys.readouterr().out
 
 
 def test_padded_lm_head_has_the_vocabulary_rows_first():
