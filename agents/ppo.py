@@ -157,8 +157,8 @@ class PPOConfig:
     """bf16 autocast on CUDA for rollouts and updates."""
     rollout_weight_copy: bool = True
     """With ``bf16``, roll out with bf16 copies of the policy's matmul weights, refreshed once per batch
-    (`agents.autocast_weight_copy`): the same outputs bit for bit, without converting every float32 weight at
-    every token; costs half the float32 matmul weights' memory (0.25 GB for GPT-2 small). False: convert at
+    (`agents.autocast_weight_copy`): the same outputs (bit for bit in eager decoding), without converting every
+    float32 weight at every token; costs half the float32 matmul weights' memory (0.25 GB for GPT-2 small). False: convert at
     every forward, as plain autocast does."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the update (HF gradient checkpointing)."""

@@ -4,7 +4,8 @@ Under ``PPOConfig(bf16=True)`` the policy keeps float32 weights for AdamW and it
 autocast, which converts every matmul weight to bf16 at every forward. That includes each decode step of a
 rollout, compiled or not. `agents.autocast_weight_copy.AutocastWeightCopy` (on by default,
 ``PPOConfig.rollout_weight_copy``) rolls out on bf16 copies of those weights instead, written once per
-batch. The outputs are the same bit for bit.
+batch. In eager decoding the outputs are the same bit for bit; the script prints whether they were, and
+the largest difference (inductor may fuse the two compiled GPU steps differently).
 
 This script decodes one batch both ways in the same process, each forward in its own autocast block as a
 `PolicyLink` runs it. It times the two in turns and prints the time per step and the ratio. The batch's
@@ -68,14 +69,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     decoders = {"converted per forward": make_decoder(policy, args.decoding),
                 "bf16 copy": make_decoder(weights.module, args.decoding)}  # fmt: skip
     runs = {name: functools.partial(decode_batch, decoder, sequences, steps, autocast) for name, decoder in decoders.items()}
-    same = torch.equal(*(run() for run in runs.values()))  # the first runs compile
+    converted, held = (run().float() for run in runs.values())  # the first runs compile
     times = timed_alternating(runs, args.device, args.repeats)
     refresh = timed(weights.refresh, args.device, args.repeats)[0]
     ms = {name: 1000 * seconds / steps for name, (seconds, _) in times.items()}
     ms["refresh (once per batch)"] = 1000 * refresh
     print(f"shape={args.shape} batch={B} prompt={args.prompt} new={args.new} device={args.device} "
           f"decoding={args.decoding} threads={torch.get_num_threads()}")  # fmt: skip
-    print(f"same logits bit for bit: {same}")
+    print(f"same logits bit for bit: {torch.equal(converted, held)} (largest difference "
+          f"{(converted - held).abs().max().item():.3g})")
     for name, value in ms.items():
         print(f"{name:<28}: {value:8.3f} ms" + ("" if name.startswith("refresh") else " per step"))
     ms["ratio"] = ms["converted per forward"] / ms["bf16 copy"]

@@ -1,7 +1,7 @@
 """PPO's rollouts under bf16 autocast run on bf16 copies of the policy's matmul weights (`AutocastWeightCopy`),
 refreshed once per batch. The copy must give the autocast outputs bit for bit (every decoding, a tied LM head,
-LoRA adapters), follow the weights after each update, hold nothing where autocast converts nothing, and refuse a
-model that runs a matmul outside autocast. Two PPO agents, with the copy and without it, must then train alike.
+LoRA adapters; compiled on a GPU, to bf16's tolerance), follow the weights after each update, hold nothing where
+autocast converts nothing, and refuse a model that runs a matmul outside autocast. Two PPO agents, with the copy and without it, must then train alike.
 
 The tests run on the CPU under CPU autocast. ``TEXTENV_TEST_DEVICE=cuda`` runs them on a GPU under CUDA autocast,
 with ``compiled`` decoding as CUDA graphs (benchmarks/gpu_suite.sh does).
@@ -55,7 +55,13 @@ def test_the_copy_gives_the_autocast_outputs_bit_for_bit(decoding):
     model = tiny_lm()
     copy = AutocastWeightCopy(model, bf16_autocast)
     assert copy.active and copy.module is not model
-    assert torch.equal(decoded_logits(copy.module, decoding), decoded_logits(model, decoding))
+    held, converted = decoded_logits(copy.module, decoding), decoded_logits(model, decoding)
+    if decoding == "compiled" and DEVICE.type == "cuda":
+        # inductor's GPU kernels may fuse the float32 path's bias conversion into the add after it and skip its
+        # bf16 rounding (emulate_precision_casts is off), so the two compiled steps may differ in the last bits
+        torch.testing.assert_close(held, converted, atol=1e-2, rtol=1.6e-2)
+    else:
+        assert torch.equal(held, converted)
     # Held: the matmul layers' weights and biases in bf16 (the tied LM head too). Shared: everything else.
     copied, own = copy.module.transformer, model.transformer
     assert copied.h[0].attn.c_attn.weight.dtype == copied.h[0].mlp.c_proj.bias.dtype == torch.bfloat16
