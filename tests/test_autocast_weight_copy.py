@@ -125,23 +125,27 @@ def test_a_model_with_a_matmul_outside_autocast_keeps_its_own_weights(cast_to_we
     assert model.lm_head.weight.dtype == torch.float32
 
 
-def test_ppo_trains_alike_with_and_without_the_copy(monkeypatch):
-    """Two agents under bf16 autocast (the CPU's, where PPO's own is CUDA's), with the rollout copy and without:
-    the same tokens, log-probs, values and rewards in every batch, so the copy follows each update."""
+def test_ppo_rolls_out_alike_with_and_without_the_copy_after_each_update(monkeypatch):
+    """Two agents under bf16 autocast (the CPU's where PPO's own is CUDA's), with the rollout copy and without: the
+    same tokens, log-probs, values and rewards in every batch, so the copy follows each update. After each update
+    the second agent takes the first one's weights, so that a GPU's nondeterministic backward cannot tell them
+    apart."""
     monkeypatch.setattr(agents.ppo, "cuda_bf16_autocast", lambda bf16, device_type: bf16_autocast() if bf16 else nullcontext())
-    runs = []
+    pair = []
     for copy in (True, False):
         env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=6, decoding="static", device=DEVICE)
         config = PPOConfig(bf16=True, rollout_weight_copy=copy, decoding="static", minibatch_size=4, micro_batch_size=2,
                            learning_rate=1e-3, seed=1)  # fmt: skip
-        agent = PPOAgent(PolicyWithValueHead(toy_components(seed=3)["model"].to(DEVICE)), env, config)
-        assert agent.rollout_weights.active == copy
-        batches = []
-        for _ in range(3):
-            batches.append(agent.rollout())
-            agent.update(batches[-1])
-        runs.append(batches)
-    for with_copy, without in zip(*runs, strict=True):
+        pair.append(PPOAgent(PolicyWithValueHead(toy_components(seed=3)["model"].to(DEVICE)), env, config))
+    with_copy, without = pair
+    assert with_copy.rollout_weights.active and not without.rollout_weights.active
+    logprobs = []
+    for _ in range(3):
+        batches = [agent.rollout() for agent in pair]
         for name in ("actions", "logprobs", "values", "rewards"):
-            assert torch.equal(getattr(with_copy, name), getattr(without, name)), name
-    assert not torch.equal(runs[0][0].logprobs, runs[0][-1].logprobs)  # the updates moved the policy
+            assert torch.equal(getattr(batches[0], name), getattr(batches[1], name)), name
+        logprobs.append(batches[0].logprobs)
+        for agent, batch in zip(pair, batches, strict=True):
+            agent.update(batch)
+        without.policy.load_state_dict(with_copy.policy.state_dict())
+    assert not torch.equal(logprobs[0], logprobs[-1])  # the updates moved the policy
