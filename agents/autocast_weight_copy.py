@@ -13,7 +13,7 @@ which the weights and biases of the matmul layers (`nn.Linear`, transformers' `C
 made once and overwritten in place by `refresh` before each batch. Every other tensor is the policy's own:
 embeddings, norms and buffers. Under the same autocast each matmul is then handed the bf16 operands it would
 have made itself, so eager forwards give the same outputs bit for bit. Compiled forwards did too on the
-CPU. On a GPU, inductor fuses the float32 path's bias conversion into the add after it and skips that
+CPU. On a GPU, inductor may fuse the float32 path's bias conversion into the add after it and skip that
 bf16 rounding (``emulate_precision_casts`` is off by default), so the two compiled steps may differ in
 the last bits there. The refresh writes in place, so the addresses stay where a CUDA graph recorded them.
 
