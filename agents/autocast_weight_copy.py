@@ -10,7 +10,7 @@ token:
 
 `AutocastWeightCopy` makes those conversions once per batch instead. The copy is the policy's module tree in
 which the weights and biases of the matmul layers (`nn.Linear`, transformers' `Conv1D`) are bf16 tensors,
-made once and overwritten in place by `refresh` before each batch. Every other tensor is the policy's own:
+made once and overwritten in place by `refresh` as each batch starts (PPO's link calls it at every env reset). Every other tensor is the policy's own:
 embeddings, norms and buffers. Under the same autocast each matmul is then handed the bf16 operands it would
 have made itself, so eager forwards give the same outputs bit for bit. Compiled forwards did too on the
 CPU. On a GPU, inductor may fuse the float32 path's bias conversion into the add after it and skip that
@@ -18,8 +18,8 @@ bf16 rounding (``emulate_precision_casts`` is off by default), so the two compil
 the last bits there. The refresh writes in place, so the addresses stay where a CUDA graph recorded them.
 
 A model may run some matmul outside autocast (a float32 router, say); its copy would then differ. So the
-copy is checked once, on a short input, when it is made: if its logits differ from the model's, the rollout
-keeps the model itself, with a warning. The copy costs memory: half of the float32 matmul weights, 0.25 GB
+copy is checked once when it is made, on a prefill of two rows (one left-padded) and a cached step: if its
+logits differ from the model's, the rollout keeps the model itself, with a warning. The copy costs memory: half of the float32 matmul weights, 0.25 GB
 for GPT-2 small or 14 GB for a 7B model (``PPOConfig(rollout_weight_copy=False)`` turns it off).
 """
 
@@ -67,6 +67,7 @@ class AutocastWeightCopy:
         self.source = model
         self.module: nn.Module = model
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (copy's tensor, model's tensor)
+        self._parameters: list[nn.Parameter] = []  # the model's parameters the copy was made from
         device = next(model.parameters()).device
         dtype = autocast_dtype(autocast, device.type)
         if dtype is None:
@@ -82,7 +83,7 @@ class AutocastWeightCopy:
                 stacklevel=3,
             )
             return
-        self.module, self._pairs = module, pairs
+        self.module, self._pairs, self._parameters = module, pairs, list(model.parameters())
 
     @property
     def active(self) -> bool:
@@ -91,7 +92,19 @@ class AutocastWeightCopy:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Write ``model``'s current weights into the copy (in place: one conversion per weight)."""
+        """Write ``model``'s current weights into the copy (in place: one conversion per weight).
+
+        In-place changes to the weights (an optimizer step, a restored checkpoint) are what it follows. A
+        parameter replaced by a new object (``load_state_dict(assign=True)``, ``resize_token_embeddings``)
+        is not, and the copy would run the old one unseen, so that raises instead.
+        """
+        current = list(self.source.parameters()) if self._pairs else []
+        if len(current) != len(self._parameters) or any(a is not b for a, b in zip(current, self._parameters, strict=True)):
+            raise RuntimeError(
+                "the policy's parameters were replaced (load_state_dict(assign=True), resize_token_embeddings, ...) "
+                "after its bf16 rollout copy was made, which would run the old ones: change weights in place, or "
+                "build the agent again"
+            )
         for held, source in self._pairs:
             held.copy_(source)
 
@@ -100,9 +113,9 @@ class AutocastWeightCopy:
         """The module tree sharing every parameter with ``model`` but the matmul layers' weights and biases,
         which are ``dtype`` copies: one per distinct tensor, so a weight tied between two matmul layers stays
         tied, while an embedding tied to the LM head keeps the float32 original for its lookups."""
-        # Share every parameter (the same objects: no requires_grad_ here, it would freeze the model's own), then
-        # replace the matmul layers' below.
-        memo: dict[int, object] = {id(p): p for p in model.parameters()}
+        # Share every parameter and buffer (the same objects: no requires_grad_ here, it would freeze the model's
+        # own), then replace the matmul layers' parameters below.
+        memo: dict[int, object] = {id(t): t for t in (*model.parameters(), *model.buffers())}
         module = copy.deepcopy(model, memo).eval()
         held: dict[int, nn.Parameter] = {}
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -125,17 +138,24 @@ class AutocastWeightCopy:
     def _same_logits(
         model: nn.Module, module: nn.Module, autocast: Callable[[], AbstractContextManager], device: torch.device
     ) -> bool:
-        """Whether ``model`` and its copy give the same logits bit for bit on a short input, in eval mode."""
-        training = model.training
+        """Whether ``model`` and its copy give the same logits bit for bit, in eval mode, on a short prefill of two
+        rows (one left-padded) and one cached decode step after it."""
+        modes = {m: m.training for m in model.modules()}
         model.eval()
         try:
-            ids = torch.arange(8, device=device).view(1, -1) % model.get_input_embeddings().num_embeddings
-            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            ids = torch.arange(16, device=device).view(2, 8) % model.config.vocab_size
+            mask = torch.ones_like(ids)
+            mask[1, :3] = 0
+            step = {"input_ids": ids[:, :1], "attention_mask": torch.cat([mask, torch.ones_like(mask[:, :1])], 1)}
             with autocast():
-                logits = model(**inputs).logits
+                first = model(input_ids=ids, attention_mask=mask, use_cache=True)
+                second = model(**step, past_key_values=first.past_key_values).logits
                 try:
-                    return torch.equal(module(**inputs).logits, logits)
-                except RuntimeError:  # a matmul outside autocast, handed a float32 input and a bf16 weight
+                    copy_first = module(input_ids=ids, attention_mask=mask, use_cache=True)
+                    copy_second = module(**step, past_key_values=copy_first.past_key_values).logits
+                except Exception:  # a matmul outside autocast, handed a float32 input and a bf16 weight, say
                     return False
+            return torch.equal(copy_first.logits, first.logits) and torch.equal(copy_second, second)
         finally:
-            model.train(training)
+            for m, training in modes.items():
+                m.training = training

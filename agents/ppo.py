@@ -235,12 +235,13 @@ class PPOAgent:
         # A function of the settings, not a method: the link holds it, and a bound method would tie the env
         # (which holds the link) to the agent in a reference cycle.
         self._autocast = functools.partial(cuda_bf16_autocast, self.config.bf16, self.device.type)
-        # Under bf16 autocast, the policy's bf16 matmul weights held for the rollouts (refreshed before each)
-        # instead of converted at every token; `policy.lm` itself where there is no autocast.
+        # Under bf16 autocast, the policy's bf16 matmul weights held for the rollouts (refreshed as each batch
+        # starts) instead of converted at every token; `policy.lm` itself where there is no autocast.
         self.rollout_weights = AutocastWeightCopy(policy.lm, self._autocast if self.config.rollout_weight_copy else nullcontext)
         self.link = PolicyLink(
             self.rollout_weights.module, self.config.sampling, output_hidden_states=True, pad_token_id=env.engine.pad_id,
             decoding=self.config.decoding, autocast=self._autocast, prefetch=True, guards_once_per_batch=True,
+            before_batch=self.rollout_weights.refresh,
         )  # fmt: skip
         env.bind_policy(self.link)
         # Each row's prompt generator gets ``seed · B + row`` (Gymnasium's vector envs add the row): a block of
@@ -261,7 +262,6 @@ class PPOAgent:
     def rollout(self) -> Rollout:
         """Run B episodes to the end with the current policy, reading values from the shared trunk."""
         self.policy.eval()
-        self.rollout_weights.refresh()  # the weights of the last update (or of a restored checkpoint)
         batch = collect_rollout(
             self.env, self.link, self.generator, self.policy.value, defer_kl=self.config.defer_kl
         )

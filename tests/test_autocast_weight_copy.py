@@ -14,12 +14,13 @@ from contextlib import nullcontext
 import pytest
 import torch
 from transformers import GPT2LMHeadModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import agents.ppo
 from agents.autocast_weight_copy import AutocastWeightCopy
 from agents.ppo import PPOAgent, PPOConfig
 from agents.value_head import PolicyWithValueHead
+from textenv.incremental import IncrementalLM
 from textenv.models import build_tiny_causal_lm, tiny_gpt2_config
 from textenv.static_decoding import make_decoder
 from textenv.toy import make_toy_env, toy_components
@@ -33,9 +34,12 @@ def tiny_lm(seed: int = 0) -> GPT2LMHeadModel:
     return build_tiny_causal_lm(config, seed=seed).to(DEVICE).eval()
 
 
-def decoded_logits(model, decoding: str, steps: int = 6) -> torch.Tensor:
-    """Logits of a prefill and ``steps`` decode steps, each forward in its own autocast block as a link runs it."""
-    decoder = make_decoder(model, decoding, output_hidden_states=True)
+def decoded_logits(model_or_decoder, decoding: str, steps: int = 6) -> torch.Tensor:
+    """Logits and last hidden states of a prefill and ``steps`` decode steps, each forward in its own autocast
+    block as a link runs it (a model gets a new decoder; a decoder is reused, with its compiled step)."""
+    decoder = model_or_decoder
+    if not isinstance(decoder, IncrementalLM):
+        decoder = make_decoder(model_or_decoder, decoding, output_hidden_states=True)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 61, (n,), generator=g) for n in (5, 3, 7)]
     outputs = []
@@ -50,37 +54,54 @@ def decoded_logits(model, decoding: str, steps: int = 6) -> torch.Tensor:
     return torch.stack(outputs)
 
 
-@pytest.mark.parametrize("decoding", ["dynamic", "static", "compiled"])
-def test_the_copy_gives_the_autocast_outputs_bit_for_bit(decoding):
-    model = tiny_lm()
-    copy = AutocastWeightCopy(model, bf16_autocast)
-    assert copy.active and copy.module is not model
-    held, converted = decoded_logits(copy.module, decoding), decoded_logits(model, decoding)
+def same_as(held: torch.Tensor, converted: torch.Tensor, decoding: str) -> None:
+    """Bit for bit, except compiled on a GPU: inductor's kernels may fuse the float32 path's bias conversion into
+    the add after it and skip its bf16 rounding (emulate_precision_casts is off), so the two compiled steps may
+    differ in the last bits there."""
     if decoding == "compiled" and DEVICE.type == "cuda":
-        # inductor's GPU kernels may fuse the float32 path's bias conversion into the add after it and skip its
-        # bf16 rounding (emulate_precision_casts is off), so the two compiled steps may differ in the last bits
         torch.testing.assert_close(held, converted, atol=1e-2, rtol=1.6e-2)
     else:
         assert torch.equal(held, converted)
+
+
+@pytest.mark.parametrize("decoding", ["dynamic", "static", "compiled"])
+def test_the_copy_gives_the_autocast_outputs_bit_for_bit(decoding):
+    model = tiny_lm()
+    model.transformer.register_buffer("marker", torch.zeros(3, device=DEVICE))  # (GPT-2 itself has no buffers)
+    copy = AutocastWeightCopy(model, bf16_autocast)
+    assert copy.active and copy.module is not model
+    same_as(decoded_logits(copy.module, decoding), decoded_logits(model, decoding), decoding)
     # Held: the matmul layers' weights and biases in bf16 (the tied LM head too). Shared: everything else.
     copied, own = copy.module.transformer, model.transformer
     assert copied.h[0].attn.c_attn.weight.dtype == copied.h[0].mlp.c_proj.bias.dtype == torch.bfloat16
     assert copy.module.lm_head.weight.dtype == torch.bfloat16
-    assert copied.wte.weight is own.wte.weight and copied.ln_f.weight is own.ln_f.weight
+    assert copied.wte.weight is own.wte.weight and copied.ln_f.weight is own.ln_f.weight and copied.marker is own.marker
     assert model.lm_head.weight is own.wte.weight and own.wte.weight.dtype == torch.float32  # the model is untouched
     assert not copy.module.training and all(not held.requires_grad for held, _ in copy._pairs)
     assert all(p.requires_grad for p in model.parameters())  # sharing froze nothing of the model's
 
 
-def test_refresh_brings_the_copy_up_to_date_with_the_weights():
+@pytest.mark.parametrize("decoding", ["static", "compiled"])
+def test_refresh_brings_the_copy_up_to_date_with_the_weights(decoding):
     model = tiny_lm()
     copy = AutocastWeightCopy(model, bf16_autocast)
+    decoders = {name: make_decoder(lm, decoding, output_hidden_states=True) for name, lm in (("held", copy.module), ("converted", model))}
+    decoded_logits(decoders["held"], decoding)  # compiled (on a GPU: a CUDA graph recorded) before the weights move
     with torch.no_grad():  # an optimizer step, in place
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    assert not torch.equal(decoded_logits(copy.module, "static"), decoded_logits(model, "static"))
+    stale, converted = decoded_logits(decoders["held"], decoding), decoded_logits(decoders["converted"], decoding)
+    assert not torch.allclose(stale, converted, atol=1e-2, rtol=1.6e-2)
     copy.refresh()
-    assert torch.equal(decoded_logits(copy.module, "static"), decoded_logits(model, "static"))
+    same_as(decoded_logits(decoders["held"], decoding), converted, decoding)
+
+
+def test_a_replaced_parameter_is_refused_not_run_stale():
+    model = tiny_lm()
+    copy = AutocastWeightCopy(model, bf16_autocast)
+    model.load_state_dict(tiny_lm(seed=1).state_dict(), assign=True)  # new Parameter objects
+    with pytest.raises(RuntimeError, match="parameters were replaced"):
+        copy.refresh()
 
 
 def test_a_lora_policys_copy_gives_the_autocast_outputs_too():
@@ -108,11 +129,13 @@ class HeadOutsideAutocast(GPT2LMHeadModel):
 
     cast_to_weight = True
 
-    def forward(self, input_ids=None, **kwargs):
-        hidden = self.transformer(input_ids=input_ids).last_hidden_state
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
+        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                               use_cache=use_cache)  # fmt: skip
         with torch.autocast(DEVICE.type, enabled=False):
             dtype = self.lm_head.weight.dtype if self.cast_to_weight else torch.float32
-            return CausalLMOutput(logits=self.lm_head(hidden.to(dtype)))
+            logits = self.lm_head(out.last_hidden_state.to(dtype))
+        return CausalLMOutputWithPast(logits=logits, past_key_values=out.past_key_values)
 
 
 @pytest.mark.parametrize("cast_to_weight", [True, False], ids=["other logits", "a dtype error"])
@@ -125,27 +148,46 @@ def test_a_model_with_a_matmul_outside_autocast_keeps_its_own_weights(cast_to_we
     assert model.lm_head.weight.dtype == torch.float32
 
 
-def test_ppo_rolls_out_alike_with_and_without_the_copy_after_each_update(monkeypatch):
+def cpu_or_cuda_bf16_autocast(bf16: bool, device_type: str):
+    """PPO's autocast, on the test device (PPO's own autocasts only on CUDA)."""
+    return bf16_autocast() if bf16 else nullcontext()
+
+
+@pytest.mark.parametrize("decoding", ["static", "compiled"])
+def test_ppo_rolls_out_alike_with_and_without_the_copy_after_each_update(monkeypatch, decoding):
     """Two agents under bf16 autocast (the CPU's where PPO's own is CUDA's), with the rollout copy and without: the
     same tokens, log-probs, values and rewards in every batch, so the copy follows each update. After each update
     the second agent takes the first one's weights, so that a GPU's nondeterministic backward cannot tell them
     apart."""
-    monkeypatch.setattr(agents.ppo, "cuda_bf16_autocast", lambda bf16, device_type: bf16_autocast() if bf16 else nullcontext())
+    monkeypatch.setattr(agents.ppo, "cuda_bf16_autocast", cpu_or_cuda_bf16_autocast)
     pair = []
     for copy in (True, False):
-        env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=6, decoding="static", device=DEVICE)
-        config = PPOConfig(bf16=True, rollout_weight_copy=copy, decoding="static", minibatch_size=4, micro_batch_size=2,
+        env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=6, decoding=decoding, device=DEVICE)
+        config = PPOConfig(bf16=True, rollout_weight_copy=copy, decoding=decoding, minibatch_size=4, micro_batch_size=2,
                            learning_rate=1e-3, seed=1)  # fmt: skip
         pair.append(PPOAgent(PolicyWithValueHead(toy_components(seed=3)["model"].to(DEVICE)), env, config))
     with_copy, without = pair
     assert with_copy.rollout_weights.active and not without.rollout_weights.active
-    logprobs = []
+    held_at_start = [held.clone() for held, _ in with_copy.rollout_weights._pairs]
     for _ in range(3):
         batches = [agent.rollout() for agent in pair]
         for name in ("actions", "logprobs", "values", "rewards"):
-            assert torch.equal(getattr(batches[0], name), getattr(batches[1], name)), name
-        logprobs.append(batches[0].logprobs)
+            same_as(getattr(batches[0], name), getattr(batches[1], name), decoding)
         for agent, batch in zip(pair, batches, strict=True):
             agent.update(batch)
         without.policy.load_state_dict(with_copy.policy.state_dict())
-    assert not torch.equal(logprobs[0], logprobs[-1])  # the updates moved the policy
+    moved = [not torch.equal(before, held) for before, (held, _) in zip(held_at_start, with_copy.rollout_weights._pairs, strict=True)]
+    assert all(moved)  # the copy held each update's weights
+
+
+def test_every_batch_the_env_starts_runs_the_current_weights(monkeypatch):
+    """Not only the agent's own rollouts: a loop of the user's over ``agent.env`` after an update runs them too."""
+    monkeypatch.setattr(agents.ppo, "cuda_bf16_autocast", cpu_or_cuda_bf16_autocast)
+    env = make_toy_env(4, autoreset_mode="Disabled", max_new_tokens=6, device=DEVICE)
+    config = PPOConfig(bf16=True, minibatch_size=4, micro_batch_size=4, learning_rate=1e-3)
+    agent = PPOAgent(PolicyWithValueHead(toy_components(seed=3)["model"].to(DEVICE)), env, config)
+    agent.update(agent.rollout())
+    current = lambda: all(torch.equal(held, source.to(held.dtype)) for held, source in agent.rollout_weights._pairs)  # noqa: E731
+    assert not current()  # updated after its batch started
+    agent.env.reset()
+    assert current()
