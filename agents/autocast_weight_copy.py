@@ -77,9 +77,10 @@ class AutocastWeightCopy:
             return
         if not self._same_logits(model, module, autocast, device):
             warnings.warn(
-                f"{type(model).__name__} gives other logits from bf16 copies of its matmul weights than under autocast "
-                "(some matmul runs outside autocast), so its rollouts convert the float32 weights at every forward "
-                "instead (PPOConfig(rollout_weight_copy=False) skips this check)",
+                f"{type(model).__name__} with bf16 copies of its matmul weights did not give the logits it gives under "
+                "autocast (some matmul runs outside autocast, or the check's short forward failed), so its rollouts "
+                "convert the float32 weights at every forward instead (PPOConfig(rollout_weight_copy=False) skips the "
+                "copy and this check)",
                 stacklevel=3,
             )
             return
@@ -139,23 +140,24 @@ class AutocastWeightCopy:
         model: nn.Module, module: nn.Module, autocast: Callable[[], AbstractContextManager], device: torch.device
     ) -> bool:
         """Whether ``model`` and its copy give the same logits bit for bit, in eval mode, on a short prefill of two
-        rows (one left-padded) and one cached decode step after it."""
+        rows (one left-padded) and one cached decode step after it (5 positions: any LM has room). A forward that
+        fails counts as a difference (a matmul outside autocast handed a float32 input and a bf16 weight, say)."""
         modes = {m: m.training for m in model.modules()}
         model.eval()
         try:
-            ids = torch.arange(16, device=device).view(2, 8) % model.config.vocab_size
+            ids = torch.arange(8, device=device).view(2, 4) % model.config.vocab_size
             mask = torch.ones_like(ids)
-            mask[1, :3] = 0
+            mask[1, :2] = 0
             step = {"input_ids": ids[:, :1], "attention_mask": torch.cat([mask, torch.ones_like(mask[:, :1])], 1)}
+            logits = []
             with autocast():
-                first = model(input_ids=ids, attention_mask=mask, use_cache=True)
-                second = model(**step, past_key_values=first.past_key_values).logits
-                try:
-                    copy_first = module(input_ids=ids, attention_mask=mask, use_cache=True)
-                    copy_second = module(**step, past_key_values=copy_first.past_key_values).logits
-                except Exception:  # a matmul outside autocast, handed a float32 input and a bf16 weight, say
-                    return False
-            return torch.equal(copy_first.logits, first.logits) and torch.equal(copy_second, second)
+                for lm in (model, module):
+                    first = lm(input_ids=ids, attention_mask=mask, use_cache=True)
+                    logits.append((first.logits, lm(**step, past_key_values=first.past_key_values).logits))
+            (a, b), (c, d) = logits
+            return torch.equal(a, c) and torch.equal(b, d)
+        except Exception:
+            return False
         finally:
             for m, training in modes.items():
                 m.training = training

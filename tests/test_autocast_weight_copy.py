@@ -116,6 +116,11 @@ def test_a_lora_policys_copy_gives_the_autocast_outputs_too():
     assert torch.equal(decoded_logits(copy.module, "static"), decoded_logits(policy.lm, "static"))
 
 
+def test_the_check_fits_an_lm_of_five_positions():
+    config = tiny_gpt2_config(61, n_positions=5, n_embd=32, n_layer=1, n_head=2)
+    assert AutocastWeightCopy(build_tiny_causal_lm(config).to(DEVICE), bf16_autocast).active
+
+
 def test_no_copy_without_autocast_or_without_a_weight_to_convert():
     model = tiny_lm()
     for autocast, lm in ((nullcontext, model), (bf16_autocast, tiny_lm().to(torch.bfloat16))):
