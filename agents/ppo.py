@@ -158,8 +158,8 @@ class PPOConfig:
     rollout_weight_copy: bool = True
     """With ``bf16``, roll out with bf16 copies of the policy's matmul weights, refreshed once per batch
     (`agents.autocast_weight_copy`): the same outputs (bit for bit in eager decoding), without converting every
-    float32 weight at every token; costs half the float32 matmul weights' memory (0.25 GB for GPT-2 small). False: convert at
-    every forward, as plain autocast does."""
+    float32 weight at every token. Costs half the float32 matmul weights' memory (0.25 GB for GPT-2 small).
+    False: convert at every forward, as plain autocast does."""
     gradient_checkpointing: bool = False
     """Trade compute for memory in the update (HF gradient checkpointing)."""
     decoding: str = "dynamic"
@@ -237,7 +237,8 @@ class PPOAgent:
         self._autocast = functools.partial(cuda_bf16_autocast, self.config.bf16, self.device.type)
         # Under bf16 autocast, the policy's bf16 matmul weights held for the rollouts (refreshed as each batch
         # starts) instead of converted at every token; `policy.lm` itself where there is no autocast.
-        self.rollout_weights = AutocastWeightCopy(policy.lm, self._autocast if self.config.rollout_weight_copy else nullcontext)
+        rollout_autocast = self._autocast if self.config.rollout_weight_copy else nullcontext
+        self.rollout_weights = AutocastWeightCopy(policy.lm, rollout_autocast)
         self.link = PolicyLink(
             self.rollout_weights.module, self.config.sampling, output_hidden_states=True, pad_token_id=env.engine.pad_id,
             decoding=self.config.decoding, autocast=self._autocast, prefetch=True, guards_once_per_batch=True,

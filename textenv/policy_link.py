@@ -57,14 +57,14 @@ class PolicyLink:
         ``prefetch``: no module attribute of the model (``training`` flags and the like) changes within a
         batch. In-place weight updates are not guarded and stay safe. The agents that set ``prefetch`` set
         this too; ``link.decoder.guards_once_per_batch = False`` turns it off.
-    :param before_batch: called at each `start` (the env's reset: a new batch), before the prefill. A link
-        that runs a copy of the policy's weights (PPO's bf16 rollout copy, `agents.autocast_weight_copy`)
-        brings the copy up to date there, so every batch the env starts, in the agent's loop or in another,
-        runs the current weights.
     :param fused_sampling: `sample` computes the sampling log-probs and draws the tokens in one compiled call
         (`textenv.fused_sampling`): the same draws up to float64 rounding at token boundaries. Default
         (``None``): on for ``compiled`` decoding on CUDA, off elsewhere (on the CPU it is slower); the
         ``fused_sampling`` attribute can be changed at any time.
+    :param before_batch: called at each `start` (the env's reset: a new batch), before the prefill. A link
+        that runs a copy of the policy's weights (PPO's bf16 rollout copy, `agents.autocast_weight_copy`)
+        brings the copy up to date there, so every batch the env starts, in the agent's loop or in another,
+        runs the current weights.
     """
 
     def __init__(
@@ -77,8 +77,8 @@ class PolicyLink:
         autocast: Callable[[], AbstractContextManager] = nullcontext,
         prefetch: bool = False,
         guards_once_per_batch: bool = False,
-        before_batch: Callable[[], None] | None = None,
         fused_sampling: bool | None = None,
+        before_batch: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.before_batch = before_batch
