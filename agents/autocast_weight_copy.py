@@ -99,7 +99,9 @@ class AutocastWeightCopy:
         parameter replaced by a new object (``load_state_dict(assign=True)``, ``resize_token_embeddings``)
         is not, and the copy would run the old one unseen, so that raises instead.
         """
-        current = list(self.source.parameters()) if self._pairs else []
+        if not self._pairs:
+            return
+        current = list(self.source.parameters())
         if len(current) != len(self._parameters) or any(a is not b for a, b in zip(current, self._parameters, strict=True)):
             raise RuntimeError(
                 "the policy's parameters were replaced (load_state_dict(assign=True), resize_token_embeddings, ...) "

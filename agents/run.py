@@ -13,13 +13,14 @@ The folder holds what a person wants after a run and what a crash must not lose:
 - ``plots/``: PNGs of RM score, gold reward, KL and β over iterations;
 - ``eval_before.json`` / ``eval_after.json`` and ``samples_before.jsonl`` / ``samples_after.jsonl``;
 - ``checkpoint-NNNNNN/`` every N iterations (see `agents.checkpoint`): policy + value head (a LoRA policy's
-  adapters, not its frozen base), optimizer,
-  sampling RNG, the env's prompt RNGs and KL controller, and a PPO-ptx batch source's RNG if it has
-  ``state_dict`` (`agents.pretraining_batches.PretrainingBatches`); ``resume=True`` restores them all, so a
-  killed run continues with the same metrics as one that never stopped (on CPU);
+  adapters, not its frozen base), optimizer, sampling RNG, the env's prompt RNGs and KL controller, and a
+  PPO-ptx batch source's RNG if it has ``state_dict`` (`agents.pretraining_batches.PretrainingBatches`);
+  ``resume=True`` restores them all, so a killed run continues with the same metrics as one that never
+  stopped (on CPU);
 - ``policy/``: the final policy LM and tokenizer via ``save_pretrained``, and ``value_head.safetensors``.
   A LoRA policy (peft) is saved with its adapters merged in (on the host: `agents.lora_weights`), so the
-  folder loads as a plain LM anywhere, and its adapters alone go to ``policy_adapter/`` (peft's format, for `peft.PeftModel.from_pretrained`).
+  folder loads as a plain LM anywhere, and its adapters alone go to ``policy_adapter/`` (peft's format, for
+  `peft.PeftModel.from_pretrained`).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@
 #   bash benchmarks/gpu_wheels.sh              # here, once: wheels for packages the GPU image lacks
 #   bash benchmarks/gpu_suite.sh               # there, in the repository root (carry .whl)
 #   bash benchmarks/gpu_suite.sh tests rollout # only some parts: tests, rollout, scaling, ppo, update,
-#                                              # deferred, ppo_deferred, fused (and the extras profile, components, lora, evaluate,
-#                                              # weight_copy)
+#                                              # deferred, ppo_deferred, fused (and the extras profile,
+#                                              # components, lora, evaluate, weight_copy)
 #
 # Each compiled shape compiles once (tens of seconds on a GPU), so the whole suite can pass a 10-minute
 # limit per command: then run it in several calls, most decisive first: "tests", "deferred fused",
