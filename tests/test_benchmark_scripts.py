@@ -170,3 +170,47 @@ def test_update_memory_benchmark_compares_both_paths(capsys):
     assert result["chunked_gib"] > 0 and result["speed_ratio"] > 0
     assert result["memory_ratio"] < 0.8  # the float32 distributions were the peak of the plain side
     assert "chunked/plain" in capsys.readouterr().out
+
+
+class _Parsed(Exception):
+    """Raised by the stand-in parser below once a command line has parsed: the benchmark itself does not run."""
+
+
+def test_every_gpu_suite_command_parses_with_its_scripts_arguments(monkeypatch):
+    """The GPU suite runs only where a GPU is lent, for minutes that are few and costly: a flag that a script
+    no longer takes, or a test that moved, would waste them. Its dry run lists every command; each benchmark
+    command must parse with its script's own parser, and each test it names must exist."""
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    listing = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh", "all"], cwd=root, env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    commands = [line.removeprefix("$ ").split() for line in listing.splitlines() if line.startswith("$ ")]
+    scripts = {module.__name__.rsplit(".", 1)[1]: module for module in (
+        autocast_weights, components, lora_memory, ppo_vs_trl, profile_rollout, rollout, scaling, update_memory)}  # fmt: skip
+    parsed, tests = 0, 0
+    for words in commands:
+        while words[0] == "env" or "=" in words[0]:  # `env NAME=value ... python3 ...`
+            words = words[1:]
+        assert words[0] == "python3", words
+        if words[1] == "-m":  # pytest: every file and test named exists
+            for node in (w for w in words if w.startswith("tests/")):
+                path, _, name = node.partition("::")
+                assert (root / path).is_file(), node
+                assert not name or re.search(rf"^def {name}\(", (root / path).read_text(), re.M), node
+                tests += 1
+            continue
+        module = scripts[Path(words[1]).stem]
+
+        def parse_only(parser, argv, _real=module.parse_benchmark_args):
+            _real(parser, argv)  # argparse exits (SystemExit 2) on a flag the script does not take
+            raise _Parsed
+
+        monkeypatch.setattr(module, "parse_benchmark_args", parse_only)
+        with pytest.raises(_Parsed):
+            module.main(words[2:])
+        parsed += 1
+    assert parsed >= 20 and tests >= 10, (parsed, tests)
