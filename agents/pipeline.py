@@ -69,6 +69,11 @@ class RLHFConfig:
     """How the PPO rollouts decode: ``dynamic``, ``static`` or ``compiled`` (policy and reference LMs; with
     ``compiled`` the reward model's forward is compiled too). See `textenv.static_decoding`: compiling costs
     seconds up front and pays in long runs and on GPUs."""
+    defer_kl: bool = False
+    """PPO's rollouts compute the reference log-probs once per batch, with one forward over the finished
+    sequences as TRL does, instead of one cached reference forward per token (`PPOConfig.defer_kl`): faster
+    rollouts, the same rewards to float tolerance, but the adaptive β moves once per batch instead of at each
+    step in which episodes end. A ``defer_kl`` among the ``ppo`` fields takes precedence, as for ``decoding``."""
     device: str = "cpu"
     """Where every stage runs: ``cpu``, ``cuda`` or ``cuda:N``. The default tiny models run best on the CPU;
     a GPU pays for real LMs (``lm``). New models are built and seeded on the CPU, so a seed starts the same
@@ -204,14 +209,18 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
     if cfg.decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {cfg.decoding!r}")
     check_lora_rank(cfg.lora_r)
-    if not isinstance(cfg.bf16, bool) or not isinstance(cfg.device, str):  # a config file's "false" is truthy
-        raise ValueError(f"bf16 must be true or false and device a string, got {cfg.bf16!r} and {cfg.device!r}")
+    for name in ("bf16", "defer_kl"):
+        if not isinstance(getattr(cfg, name), bool):  # a config file's "false" is truthy
+            raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    if not isinstance(cfg.device, str):
+        raise ValueError(f"device must be a string such as 'cpu' or 'cuda', got {cfg.device!r}")
     device = resolve_device(cfg.device, cfg.bf16)
     if "bf16" in cfg.ppo:
         raise ValueError("set bf16 as RLHFConfig.bf16 (--bf16), not among the ppo fields: it also sets the frozen models' dtype")
     ppo_config = PPOConfig(
-        **{"total_iterations": cfg.iterations, "seed": cfg.seed, "decoding": cfg.decoding, "bf16": cfg.bf16, **cfg.ppo}
-    )
+        **{"total_iterations": cfg.iterations, "seed": cfg.seed, "decoding": cfg.decoding, "defer_kl": cfg.defer_kl,
+           "bf16": cfg.bf16, **cfg.ppo}
+    )  # fmt: skip
     if ppo_config.minibatch_size > cfg.num_envs:  # PPOAgent refuses it too, but only after stages 1-2 have run
         raise ValueError(
             f"num_envs {cfg.num_envs} is smaller than ppo.minibatch_size {ppo_config.minibatch_size}: pass a larger "

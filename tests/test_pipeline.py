@@ -130,6 +130,12 @@ def test_bad_main_job_configs(tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(["rlhf", "--run-dir", str(tmp_path / "h"), "--config", str(config), "--no-bf16"]) == 2
     assert "num_envs 8 is smaller than ppo.minibatch_size" in capsys.readouterr().err  # past the bf16 check
+    # So must its defer_kl, which --defer-kl / --no-defer-kl override.
+    config.write_text('{"defer_kl": "false", "num_envs": 8}')
+    assert main(["rlhf", "--run-dir", str(tmp_path / "h"), "--config", str(config)]) == 2
+    assert "defer_kl must be true or false" in capsys.readouterr().err
+    assert main(["rlhf", "--run-dir", str(tmp_path / "h"), "--config", str(config), "--defer-kl"]) == 2
+    assert "num_envs 8 is smaller than ppo.minibatch_size" in capsys.readouterr().err  # past the defer_kl check
     assert not (tmp_path / "h").exists()
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "notes.txt").write_text("mine")
@@ -151,13 +157,15 @@ def test_rlhf_help_names_rlhf_configs_defaults(capsys):
 
 
 def test_main_job_on_a_task_with_a_programmatic_reward(tmp_path):
-    """Reverse has a verifiable reward: no stage 2, PPO trains on the task's own reward (static KV caches).
-    On ``TEXTENV_TEST_DEVICE`` (every stage there; on CUDA with ``bf16``)."""
+    """Reverse has a verifiable reward: no stage 2, PPO trains on the task's own reward (static KV caches, the
+    deferred KL). On ``TEXTENV_TEST_DEVICE`` (every stage there; on CUDA with ``bf16``)."""
     budget = {"pretrain": {"n_docs": 400, "n_heldout": 50, "steps": 30}}
-    cfg = RLHFConfig(task="reverse", run_dir=str(tmp_path / "rev"), decoding="static", device=str(DEVICE),
+    cfg = RLHFConfig(task="reverse", run_dir=str(tmp_path / "rev"), decoding="static", defer_kl=True, device=str(DEVICE),
                      bf16=DEVICE.type == "cuda", **{**TINY, "stage_budget": budget})  # fmt: skip
     summary = run_rlhf(cfg, progress=False)
     assert json.loads((tmp_path / "rev" / "rlhf_config.json").read_text())["decoding"] == "static"
+    ppo_config = json.loads((tmp_path / "rev" / "ppo" / "config.json").read_text())["config"]
+    assert ppo_config["decoding"] == "static" and ppo_config["defer_kl"] is True
     assert not (tmp_path / "rev" / "models" / "rm").exists()
     assert summary["before"]["score"] == summary["before"]["gold"]  # the reward is the gold reward itself
     assert saved_dtypes(tmp_path / "rev" / "ppo" / "policy") == {"F32"}  # bf16 is autocast, not the weights

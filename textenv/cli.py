@@ -223,6 +223,11 @@ def add_rlhf(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora-r", type=int, help="train LoRA adapters of this rank instead of every weight (needs peft; default 0: off)"
     )
+    p.add_argument(
+        "--defer-kl", action=argparse.BooleanOptionalAction, default=None,
+        help="PPO computes the reference log-probs once per batch after generation, as TRL does, not once per "
+        "token: faster rollouts, the same rewards to float tolerance (default: off)",
+    )  # fmt: skip
     p.add_argument("--device", help="where every stage runs: cpu, cuda or cuda:N (default: cpu)")
     p.add_argument(
         "--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -265,8 +270,8 @@ def run_rlhf(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown RLHF config fields {unknown}; valid: {sorted(fields)}")
     # Flags given on the command line override the config file; the rest keep RLHFConfig's defaults.
     for name in (
-        "task", "run_dir", "seed", "lm", "rm", "preferences", "iterations", "num_envs", "decoding", "lora_r", "device",
-        "bf16",
+        "task", "run_dir", "seed", "lm", "rm", "preferences", "iterations", "num_envs", "decoding", "defer_kl",
+        "lora_r", "device", "bf16",
     ):  # fmt: skip
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
