@@ -72,8 +72,7 @@ class RLHFConfig:
     defer_kl: bool = False
     """PPO's rollouts compute the reference log-probs once per batch, with one forward over the finished
     sequences as TRL does, instead of one cached reference forward per token (`PPOConfig.defer_kl`): faster
-    rollouts, the same rewards to float tolerance, but the adaptive β moves once per batch instead of at each
-    step in which episodes end. A ``defer_kl`` among the ``ppo`` fields takes precedence, as for ``decoding``."""
+    rollouts, the same rewards to float tolerance. A resumed run may change it."""
     device: str = "cpu"
     """Where every stage runs: ``cpu``, ``cuda`` or ``cuda:N``. The default tiny models run best on the CPU;
     a GPU pays for real LMs (``lm``). New models are built and seeded on the CPU, so a seed starts the same
@@ -154,9 +153,9 @@ def _stages_1_2(
     return built.get("lm") or models / "lm", rm_path  # "lm": null when built into models/lm
 
 
-RESUMABLE_CHANGES = ("run_dir", "iterations", "decoding", "checkpoint_every", "device")
-"""`RLHFConfig` fields a resumed run may change: more iterations, another decode path or device (the same
-computation, to float tolerance: a run started on a GPU without ``bf16`` can finish on the CPU), another
+RESUMABLE_CHANGES = ("run_dir", "iterations", "decoding", "defer_kl", "checkpoint_every", "device")
+"""`RLHFConfig` fields a resumed run may change: more iterations, another decode path, KL timing or device (the
+same computation, to float tolerance: a run started on a GPU without ``bf16`` can finish on the CPU), another
 checkpoint interval. Any other change would mix the artefacts of two settings."""
 
 
@@ -217,6 +216,8 @@ def run_rlhf(cfg: RLHFConfig, resume: bool = False, progress: bool = True, conso
     device = resolve_device(cfg.device, cfg.bf16)
     if "bf16" in cfg.ppo:
         raise ValueError("set bf16 as RLHFConfig.bf16 (--bf16), not among the ppo fields: it also sets the frozen models' dtype")
+    if "defer_kl" in cfg.ppo:  # one place for it, so that --defer-kl and the run's rlhf_config.json say what ran
+        raise ValueError("set defer_kl as RLHFConfig.defer_kl (--defer-kl), not among the ppo fields")
     ppo_config = PPOConfig(
         **{"total_iterations": cfg.iterations, "seed": cfg.seed, "decoding": cfg.decoding, "defer_kl": cfg.defer_kl,
            "bf16": cfg.bf16, **cfg.ppo}

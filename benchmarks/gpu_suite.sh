@@ -4,27 +4,34 @@
 # (episodes/s and peak memory) at batch 64 and 256; the static/compiled decode tests on the GPU; extras.
 #
 #   bash benchmarks/gpu_wheels.sh               # here, once: wheels for packages the GPU image lacks
-#   bash benchmarks/gpu_suite.sh targets        # there, in the repository root (carry .whl): one call
+#   SUITE_SECONDS=570 bash benchmarks/gpu_suite.sh targets  # there, in the repository root (carry .whl)
 #   bash benchmarks/gpu_suite.sh tests rollout  # some parts: targets, tests, rollout, scaling, ppo, update,
 #                                               # deferred, fused (and the extras profile, components, lora,
 #                                               # evaluate, weight_copy)
 #   DRY_RUN=1 bash benchmarks/gpu_suite.sh all  # anywhere: print every command, run none
 #
 # A session's device time is short (15 minutes, the machine's start included), and each compiled shape
-# compiles once per process (35-56 s on an H100), so the parts are sized for calls of under 10 minutes,
-# most decisive first: "targets" (the four figures the issue sets targets for, about 6-7 minutes), then
-# "tests", then "update components", "deferred fused", "rollout ppo" (the per-token KL), "scaling". Each benchmark runs under
-# a time limit (RUN_LIMIT seconds, 300 unless set), so one that hangs leaves the others their time, and its
-# log ends with the seconds it took, so later calls can be sized.
+# compiles once per process (35-56 s on an H100), so the parts are sized for calls of under 10 minutes, most
+# decisive first: "targets" (the four figures the issue sets targets for, about 6-7 minutes), then "tests",
+# then "update components", "deferred fused", "rollout ppo" (the per-token KL), "scaling". Each benchmark runs
+# under a time limit, RUN_LIMIT seconds (300 unless set), and, with SUITE_SECONDS set, within that many seconds
+# of the suite's start: a run that hangs is stopped with its log complete instead of the whole call being cut
+# off, and a run with under 30 s left is skipped. Each log ends with the command's exit status and seconds, so
+# later calls can be sized.
 #
 # Output goes to $OUT (or benchmarks/results/), one log per benchmark, to be copied into docs/benchmarks.md.
 set -uo pipefail
+known="targets tests rollout scaling ppo update deferred fused profile components lora evaluate weight_copy"
 parts=${*:-targets tests rollout scaling ppo update deferred fused}
-if [ "$parts" = all ]; then
-  parts="targets tests rollout scaling ppo update deferred fused profile components lora evaluate weight_copy"
-fi
+parts=${parts/#all/$known}  # "all" first: every part
+for part in $parts; do
+  if [[ " $known " != *" $part "* ]]; then
+    echo "unknown part '$part'; the parts: all $known" >&2
+    exit 2
+  fi
+done
 want() { [[ " $parts " == *" $1 "* ]]; }
-dry=${DRY_RUN:-}
+dry=$([ "${DRY_RUN:-0}" = 1 ] && echo 1)
 out=${OUT:-benchmarks/results}
 export PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1 TOKENIZERS_PARALLELISM=false
 if [ -z "$dry" ]; then
@@ -38,14 +45,23 @@ if [ -z "$dry" ]; then
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$out/device.txt"
 fi
-run() {  # name, command...: log the command, its output and its seconds; a failure or a time-out does not stop
-  # the other benchmarks. DRY_RUN=1 prints the command only.
+run() {  # name, command...: log the command, its output, exit status and seconds; a failure or a time-out does
+  # not stop the other benchmarks. DRY_RUN=1 prints the command only.
   local name=$1; shift
   if [ -n "$dry" ]; then echo "\$ $*"; return 0; fi
-  local start=$SECONDS
+  local limit=${RUN_LIMIT:-300} start=$SECONDS left rc
+  if [ -n "${SUITE_SECONDS:-}" ]; then
+    left=$(( SUITE_SECONDS - SECONDS ))
+    if (( left < 30 )); then
+      echo "skipped ($left s left of SUITE_SECONDS=$SUITE_SECONDS): $*" | tee -a "$out/$name.txt"
+      return 0
+    fi
+    (( left < limit )) && limit=$left
+  fi
   echo "\$ $*" | tee -a "$out/$name.txt"
-  timeout -k 10 -s INT "${RUN_LIMIT:-300}" "$@" 2>&1 | grep -v '^\[transformers\]' | tee -a "$out/$name.txt"
-  echo "(exit ${PIPESTATUS[0]}, $((SECONDS - start)) s)" | tee -a "$out/$name.txt"
+  timeout -k 10 -s INT "$limit" "$@" 2>&1 | grep --line-buffered -v '^\[transformers\]' | tee -a "$out/$name.txt"
+  rc=${PIPESTATUS[0]}
+  echo "(exit $rc, $((SECONDS - start)) s)" | tee -a "$out/$name.txt"
 }
 gpt2="--shape gpt2 --prompt 64 --device cuda --bf16"
 # The four figures issue 6 sets targets for, in one call: a compiled rollout with the deferred KL (the batch
@@ -63,7 +79,7 @@ fi
 # against the per-token one, on the GPU; then the main job's three stages there, in bf16.
 if want tests; then
   # --continue-on-collection-errors: a module the image lacks fails its own file, not the whole list
-  RUN_LIMIT=540 run gpu_tests env TEXTENV_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
+  RUN_LIMIT=${RUN_LIMIT:-540} run gpu_tests env TEXTENV_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider \
     --continue-on-collection-errors \
     tests/test_static_decoding.py tests/test_deferred_kl.py \
     tests/test_policy_prefetch.py tests/test_compiled_step_overhead.py tests/test_fused_sampling.py tests/test_host_transfer.py \
@@ -81,7 +97,7 @@ for batch in 64 256; do
 done
 if want scaling; then  # 11 compiled shapes per decoder (5 capacities, and their attention windows): its own call;
   # the uncached loop does not depend on the decoding and was measured with it before (docs/benchmarks.md)
-  RUN_LIMIT=540 run scaling python3 benchmarks/scaling.py $gpt2 --batch 64 --lengths 32,64,128,256,512 --decoding compiled \
+  RUN_LIMIT=${RUN_LIMIT:-540} run scaling python3 benchmarks/scaling.py $gpt2 --batch 64 --lengths 32,64,128,256,512 --decoding compiled \
     --no-uncached
 fi
 if want profile; then  # not in the default parts: where a compiled rollout's time goes, for tuning
@@ -125,9 +141,10 @@ if want deferred; then
   run rollout_deferred python3 benchmarks/rollout.py $gpt2 --new 128 --batch 64 --decoding compiled --defer-kl \
     --guards-every-step
 fi
-if want fused; then  # the eager log-softmax and inverse CDF instead of fused sampling: what fusing gives
+if want fused; then  # the eager log-softmax and inverse CDF instead of fused sampling, each against fused sampling
   for batch in 256 64; do
-    run rollout_deferred python3 benchmarks/rollout.py $gpt2 --new 128 --batch $batch --decoding compiled --defer-kl \
+    run rollout_fused python3 benchmarks/rollout.py $gpt2 --new 128 --batch $batch --decoding compiled --defer-kl
+    run rollout_fused python3 benchmarks/rollout.py $gpt2 --new 128 --batch $batch --decoding compiled --defer-kl \
       --no-fused-sampling
   done
 fi

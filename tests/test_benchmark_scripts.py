@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on the tiny shape (their figures are measured by hand, not here)."""
 
 import math
+import os
 import sys
 import tomllib
 import types
@@ -173,22 +174,37 @@ def test_update_memory_benchmark_compares_both_paths(capsys):
 
 
 class _Parsed(Exception):
-    """Raised by the stand-in parser below once a command line has parsed: the benchmark itself does not run."""
+    """Raised by the stand-in model builder below: a command line passed its script's checks, and the benchmark
+    itself does not run."""
+
+
+def _refuse_to_build(*args, **kwargs):
+    raise _Parsed
 
 
 def test_every_gpu_suite_command_parses_with_its_scripts_arguments(monkeypatch):
     """The GPU suite runs only where a GPU is lent, for minutes that are few and costly: a flag that a script
     no longer takes, or a test that moved, would waste them. Its dry run lists every command; each benchmark
-    command must parse with its script's own parser, and each test it names must exist."""
+    command must pass its script's parser and own checks (up to where the script builds its models), and each
+    test it names must exist. Every part the script runs is in its list of parts, and an unknown part is refused."""
     import re
+    import shutil
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
-    listing = subprocess.run(
-        ["bash", "benchmarks/gpu_suite.sh", "all"], cwd=root, env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    commands = [line.removeprefix("$ ").split() for line in listing.splitlines() if line.startswith("$ ")]
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash on this machine")
+    suite = root / "benchmarks" / "gpu_suite.sh"
+    known = re.search(r'^known="([^"]+)"', suite.read_text(), re.M).group(1).split()
+    assert set(re.findall(r"want (\w+)", suite.read_text())) == set(known)
+    dry = lambda *parts: subprocess.run(  # noqa: E731
+        [bash, str(suite), *parts], cwd=root, env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True
+    )
+    assert dry("no_such_part").returncode == 2
+    listing = dry("all")
+    assert listing.returncode == 0, listing.stderr
+    commands = [line.removeprefix("$ ").split() for line in listing.stdout.splitlines() if line.startswith("$ ")]
     scripts = {module.__name__.rsplit(".", 1)[1]: module for module in (
         autocast_weights, components, lora_memory, ppo_vs_trl, profile_rollout, rollout, scaling, update_memory)}  # fmt: skip
     parsed, tests = 0, 0
@@ -204,12 +220,7 @@ def test_every_gpu_suite_command_parses_with_its_scripts_arguments(monkeypatch):
                 tests += 1
             continue
         module = scripts[Path(words[1]).stem]
-
-        def parse_only(parser, argv, _real=module.parse_benchmark_args):
-            _real(parser, argv)  # argparse exits (SystemExit 2) on a flag the script does not take
-            raise _Parsed
-
-        monkeypatch.setattr(module, "parse_benchmark_args", parse_only)
+        monkeypatch.setattr(module, "build", _refuse_to_build)  # argparse exits (SystemExit 2) on a bad flag first
         with pytest.raises(_Parsed):
             module.main(words[2:])
         parsed += 1

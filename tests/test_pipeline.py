@@ -113,7 +113,8 @@ def test_bad_main_job_configs(tmp_path, capsys):
     assert not (tmp_path / "g").exists()
     # A device this machine cannot run, or bf16 off CUDA, is refused before stages 1-2, with what to do instead.
     bad_devices = [({"device": "gpu0"}, "'gpu0' is not a torch device"), ({"device": "meta"}, "textenv runs on cpu or cuda"),
-                   ({"bf16": True}, "bf16 needs a CUDA device"), ({"ppo": {"bf16": True}}, "set bf16 as RLHFConfig.bf16")]
+                   ({"bf16": True}, "bf16 needs a CUDA device"), ({"ppo": {"bf16": True}}, "set bf16 as RLHFConfig.bf16"),
+                   ({"ppo": {"defer_kl": True}}, "set defer_kl as RLHFConfig.defer_kl")]
     if not torch.cuda.is_available():
         bad_devices.append(({"device": "cuda"}, "CUDA is not available to this torch"))
     for fields, message in bad_devices:
