@@ -100,10 +100,12 @@ if want scaling; then  # 11 compiled shapes per decoder (5 capacities, and their
   RUN_LIMIT=${RUN_LIMIT:-540} run scaling python3 benchmarks/scaling.py $gpt2 --batch 64 --lengths 32,64,128,256,512 --decoding compiled \
     --no-uncached
 fi
-if want profile; then  # not in the default parts: where a compiled rollout's time goes, for tuning
+if want profile; then  # not in the default parts: where a compiled rollout's time goes, and a PPO update's
   for batch in 64 256; do
     run profile_$batch python3 benchmarks/profile_rollout.py $gpt2 --new 128 --batch $batch --decoding compiled
   done
+  run profile_update python3 benchmarks/profile_rollout.py $gpt2 --new 128 --batch 64 --decoding compiled --defer-kl \
+    --update
 fi
 if want components; then  # not in the default parts: a step's pieces, and dynamo's guard check per compiled call
   for batch in 64 256; do

@@ -99,7 +99,10 @@ def frozen_copy(model: torch.nn.Module, args) -> torch.nn.Module:
     return copy.deepcopy(model).to(torch.bfloat16 if args.bf16 else torch.float32)
 
 
-def run_textenv(models, prompts, args) -> tuple[float, float | None, dict]:
+def textenv_agent(models, prompts, args, total_iterations: int) -> tuple[PPOAgent, torch.nn.Module, torch.nn.Module]:
+    """textenv's side: a PPO agent on its own policy copy (float32 weights, bf16 autocast with ``--bf16``) and its
+    own copies of the frozen reference and RM (returned with it), 4 epochs of ``--minibatches`` minibatches
+    (`benchmarks/profile_rollout.py --update` profiles its update)."""
     reference, reward = frozen_copy(models["reference"], args), frozen_copy(models["reward"], args)
     env = TextGenerationVectorEnv(
         reference, RewardModelScorer(reward, models["tokenizer"], batch_size=len(prompts), compile=args.decoding == "compiled"),
@@ -111,9 +114,14 @@ def run_textenv(models, prompts, args) -> tuple[float, float | None, dict]:
     agent = PPOAgent(
         PolicyWithValueHead(copy.deepcopy(models["policy"])), env,
         PPOConfig(ppo_epochs=4, minibatch_size=minibatch, micro_batch_size=minibatch, bf16=args.bf16,
-                  total_iterations=args.warmup + args.iterations, decoding=args.decoding, defer_kl=args.defer_kl),
+                  total_iterations=total_iterations, decoding=args.decoding, defer_kl=args.defer_kl),
     )  # fmt: skip
     apply_agent_options(agent, args)
+    return agent, reference, reward
+
+
+def run_textenv(models, prompts, args) -> tuple[float, float | None, dict]:
+    agent, reference, reward = textenv_agent(models, prompts, args, args.warmup + args.iterations)
     if args.decoding == "compiled":
         agent.rollout()  # compile the decode steps outside the timed iterations
     peak = PeakMemory(args.device, args.cpu_memory, "textenv")

@@ -8,6 +8,11 @@ operations that make the host wait for the GPU (``torch.cuda.set_sync_debug_mode
     python benchmarks/profile_rollout.py --shape tiny --batch 64 --prompt 16 --new 64 --decoding compiled
     python benchmarks/profile_rollout.py --shape gpt2 --batch 256 --prompt 64 --new 128 --device cuda --bf16 --decoding compiled
     python benchmarks/profile_rollout.py --shape tiny --batch 64 --new 64 --device cuda --syncs
+    python benchmarks/profile_rollout.py --shape gpt2 --batch 64 --prompt 64 --new 128 --device cuda --bf16 --decoding compiled --defer-kl --update
+
+``--update`` profiles a PPO update instead (4 epochs over the batch in ``--minibatches`` minibatches), of
+`benchmarks/ppo_vs_trl.py`'s agent: float32 policy weights under bf16 autocast with ``--bf16``, after one
+whole untimed iteration, so that first-use costs (kernel loading, the allocator's growth) are not in it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from benchmarks.common import benchmark_parser, build, parse_benchmark_args, random_prompts
+from benchmarks.ppo_vs_trl import textenv_agent
 from benchmarks.rollout import rollout_agent
 
 
@@ -49,16 +55,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = benchmark_parser(__doc__, repeats=None)
     parser.add_argument("--rows", type=int, default=30, help="operators per table")
     parser.add_argument("--syncs", action="store_true", help="count host-device synchronisations (CUDA)")
+    parser.add_argument("--update", action="store_true", help="profile a PPO update (4 epochs), not a rollout")
+    parser.add_argument("--minibatches", type=int, default=1, help="with --update: minibatches per PPO epoch")
     args = parse_benchmark_args(parser, argv)
     if args.syncs and not args.device.startswith("cuda"):
         parser.error("--syncs counts GPU synchronisations: it needs --device cuda")
+    if args.batch % args.minibatches:
+        parser.error("--minibatches must divide --batch")
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    models = build(args.shape, args.prompt + args.new, args.device, dtype)
-    agent = rollout_agent(models, random_prompts(models["tokenizer"], args.batch, args.prompt), args)
-    agent.rollout()  # warm-up (compiles)
     cuda = args.device.startswith("cuda")
+    prompts_of = lambda models: random_prompts(models["tokenizer"], args.batch, args.prompt)  # noqa: E731
+    if args.update:  # as benchmarks/ppo_vs_trl.py trains: float32 policy weights (autocast with --bf16)
+        models = build(args.shape, args.prompt + args.new, args.device, torch.float32)
+        agent = textenv_agent(models, prompts_of(models), args, total_iterations=2)[0]
+        agent.iteration_step()  # warm-up: compiles, and the update's first-use costs
+        batch = agent.rollout()
+        work, what = (lambda: agent.update(batch)), "update"
+    else:
+        models = build(args.shape, args.prompt + args.new, args.device, torch.bfloat16 if args.bf16 else torch.float32)
+        agent = rollout_agent(models, prompts_of(models), args)
+        agent.rollout()  # warm-up (compiles)
+        work, what = agent.rollout, "rollout"
     if args.syncs:
+        if args.update:
+            parser.error("--syncs counts a rollout's synchronisations: leave out --update")
         count_syncs(agent, args.new)
         return {}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -66,10 +86,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.cuda.synchronize()
     start = time.perf_counter()
     with profile(activities=activities) as prof:
-        agent.rollout()
+        work()
         if cuda:
             torch.cuda.synchronize()
-    print(f"profiled rollout: {time.perf_counter() - start:.3f} s (with profiler overhead)")
+    print(f"profiled {what}: {time.perf_counter() - start:.3f} s (with profiler overhead)")
     averages = prof.key_averages()
     if cuda:
         print(averages.table(sort_by="self_cuda_time_total", row_limit=args.rows))

@@ -145,9 +145,16 @@ def test_padded_lm_head_has_the_vocabulary_rows_first():
 def test_profile_benchmark_reports_the_rollouts_operators(capsys):
     ms = profile_rollout.main(["--batch", "4", "--prompt", "4", "--new", "6", "--rows", "5"])
     assert ms["aten::addmm"] > 0  # the models' linear layers ran inside the profiled rollout
+    assert not any("backward" in name.lower() for name in ms)  # a rollout has no backward pass
     assert "Self CPU time total" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # counting GPU synchronisations needs a GPU
         profile_rollout.main(["--batch", "4", "--new", "6", "--syncs"])
+
+
+def test_profile_benchmark_reports_an_updates_operators(capsys):
+    ms = profile_rollout.main(["--batch", "4", "--prompt", "4", "--new", "6", "--rows", "5", "--update", "--minibatches", "2"])
+    assert any("backward" in name.lower() for name in ms)  # the profiled work was an update: forward and backward
+    assert "profiled update" in capsys.readouterr().out
 
 
 def test_live_tensor_peak_counts_what_a_block_allocates():
