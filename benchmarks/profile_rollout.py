@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_benchmark_args(parser, argv)
     if args.syncs and not args.device.startswith("cuda"):
         parser.error("--syncs counts GPU synchronisations: it needs --device cuda")
+    if args.syncs and args.update:
+        parser.error("--syncs counts a rollout's synchronisations: leave out --update")
     if args.batch % args.minibatches:
         parser.error("--minibatches must divide --batch")
     torch.manual_seed(0)
@@ -77,8 +79,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         agent.rollout()  # warm-up (compiles)
         work, what = agent.rollout, "rollout"
     if args.syncs:
-        if args.update:
-            parser.error("--syncs counts a rollout's synchronisations: leave out --update")
         count_syncs(agent, args.new)
         return {}
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
